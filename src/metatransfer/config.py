@@ -1,0 +1,333 @@
+"""Typed configuration: one dataclass per phase, YAML presets, ``--set`` overrides.
+
+The resolved config is saved beside every checkpoint, so a run can always be rebuilt
+from its directory. Unknown keys are rejected with the nearest valid key suggested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are prepared."""
+
+    name: str = "glyphs"  # glyphs | miniimagenet | tieredimagenet | fc100 | cifarfs | omniglot | folder
+    root: str | None = None  # dataset root on disk (not needed for glyphs)
+    image_size: int = 0  # side length after resizing; 0 = the dataset's own default
+    cache_dir: str | None = None  # uint8 cache location; default: a user cache dir
+    skip_corrupt: bool = False  # skip unreadable images with a warning instead of stopping
+    layout: str = "auto"  # miniimagenet: auto | csv | folder
+    split_scheme: str = "lake"  # omniglot: lake | vinyals
+    rotations: bool = False  # omniglot: add 90/180/270 degree rotations as new classes
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    augment: str = "standard"  # pre-training augmentation: none | standard
+    glyph_classes: int = 480  # glyphs: number of characters (classes)
+    glyph_images: int = 30  # glyphs: images per character
+    glyph_seed: int = 0  # glyphs: generation seed (independent of the run seed)
+
+
+@dataclass
+class ModelConfig:
+    """The backbone and how scaling and shifting (SS) attaches to it."""
+
+    backbone: str = "conv4"  # conv4 | resnet12 | resnet12-tf | resnet25
+    backbone_args: dict = field(default_factory=dict)  # extra keyword arguments, e.g. width
+    ss_granularity: Literal["kernel", "channel"] = "kernel"
+    ss_scope: Literal["all", "last"] = "all"  # 'last' = SS on the last stage only
+    ss_bn_affine: bool = False  # also meta-learn BN affine parameters
+
+
+@dataclass
+class PretrainConfig:
+    """Phase 1: cross-entropy on all base classes."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: Literal["step", "cosine"] = "cosine"
+    step_size: int = 30
+    gamma: float = 0.2
+    label_smoothing: float = 0.0
+    val_episodes: int = 200
+    val_ways: int = 5
+    val_shots: int = 1
+    val_queries: int = 15
+
+
+@dataclass
+class MetaConfig:
+    """Phase 2: meta-transfer learning of SS and theta_0, with hard tasks."""
+
+    epochs: int = 10
+    episodes_per_epoch: int = 100  # meta-batches per epoch
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    inner_steps: int = 100
+    inner_lr: float = 0.01
+    first_order: bool = False
+    meta_batch: int = 2  # k normal tasks per meta-batch
+    ht: Literal["off", "reuse", "resample"] = "resample"
+    ht_tasks: int = 1  # k' hard tasks per meta-batch
+    lr_ss: float = 1e-4
+    lr_head: float = 1e-3
+    step_size: int = 10
+    gamma: float = 0.5
+    bn_mode: Literal["eval", "train"] = "eval"
+    feature_norm: Literal["none", "l2"] = "none"
+    val_episodes: int = 200
+    grad_clip: float = 0.0  # 0 = off
+
+
+@dataclass
+class EvalConfig:
+    """Meta-test protocol: seeded episodes shared by all methods."""
+
+    episodes: int = 600
+    ways: list[int] = field(default_factory=lambda: [5])
+    shots: list[int] = field(default_factory=lambda: [1, 5])
+    queries: int = 15
+    methods: list[str] = field(default_factory=lambda: ["mtl", "ft", "protonet"])
+    inner_steps: int = 100
+    inner_lr: float = 0.01
+    seed: int = 1234  # episode seed, independent of the training seed
+    episode_batch: int = 200  # episodes adapted together in one batched inner loop
+    split: str = "test"  # which split to evaluate: test | val | train
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; one of these is saved as ``config.yaml`` in each run."""
+
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out: str = "runs/latest"
+    amp: Literal["auto", "off", "bf16"] = "auto"  # bf16 autocast on CUDA when 'auto'
+    channels_last: bool = True  # used on CUDA
+    compile: bool = False  # torch.compile the backbone
+    threads: int = 0  # CPU threads; 0 = torch's default
+    checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch at this interval
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def preset_names() -> list[str]:
+    """Names of the YAML presets shipped with the package."""
+    folder = resources.files("metatransfer") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_description(name: str) -> str:
+    """The first comment line of a preset, shown by ``mtl presets``."""
+    text = _preset_text(name)
+    for line in text.splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def _preset_text(name: str) -> str:
+    path = resources.files("metatransfer") / "presets" / f"{name}.yaml"
+    if not path.is_file():
+        hint = _suggest(name, preset_names())
+        raise ConfigError(f"unknown preset '{name}'{hint}; `mtl presets` lists them")
+    return path.read_text()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(
+    preset: str | None = None,
+    file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> RunConfig:
+    """Build a config: defaults, then a preset or a YAML file, then ``key=value`` overrides."""
+    cfg = RunConfig()
+    if preset:
+        cfg = merge(cfg, _parse_yaml(_preset_text(preset), f"preset {preset}"))
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        cfg = merge(cfg, _parse_yaml(path.read_text(), str(path)))
+    for item in overrides or []:
+        cfg = apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+def _parse_yaml(text: str, where: str) -> dict:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of config sections")
+    return data
+
+
+def apply_override(cfg: RunConfig, item: str) -> RunConfig:
+    """Apply one ``section.key=value`` override; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value, e.g. meta.inner_steps=50")
+    key, _, raw = item.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: Any = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return merge(cfg, nested)
+
+
+def merge(obj: Any, updates: dict, path: str = "") -> Any:
+    """Return a copy of dataclass ``obj`` with ``updates`` applied, type-checked."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"'{path or 'config'}' must be a mapping, got {updates!r}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    changes = {}
+    for key, value in updates.items():
+        full = f"{path}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{full}'{_suggest(key, list(fields), path)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = merge(current, value, f"{full}.")
+        else:
+            changes[key] = _coerce(value, hints[key], full)
+    return dataclasses.replace(obj, **changes)
+
+
+def _suggest(key: str, valid: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a field's type hint, converting where unambiguous."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"'{key}' has an invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            choices = " | ".join(str(a) for a in args)
+            raise ConfigError(f"'{key}' must be one of {choices}, got {value!r}")
+        return value
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, str) and "," in value:
+            items = [yaml.safe_load(v) for v in value.split(",")]
+        return [_coerce(v, args[0], key) for v in items]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+_POSITIVE = {
+    "data": ["glyph_classes", "glyph_images"],
+    "pretrain": ["batch_size", "val_episodes", "val_ways", "val_shots", "val_queries"],
+    "meta": ["episodes_per_epoch", "ways", "shots", "queries", "meta_batch", "val_episodes"],
+    "eval": ["episodes", "queries", "episode_batch"],
+}
+_NON_NEGATIVE = {
+    "data": ["image_size"],
+    "pretrain": ["epochs", "lr", "weight_decay", "step_size", "momentum", "label_smoothing"],
+    "meta": ["epochs", "inner_steps", "inner_lr", "ht_tasks", "lr_ss", "lr_head", "step_size",
+             "grad_clip"],
+    "eval": ["inner_steps", "inner_lr"],
+    "": ["threads", "checkpoint_minutes"],
+}
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject values no run can use, before any work starts."""
+    for section, names in _POSITIVE.items():
+        for name in names:
+            value = getattr(getattr(cfg, section), name)
+            if value <= 0:
+                raise ConfigError(f"'{section}.{name}' must be positive, got {value}")
+    for section, names in _NON_NEGATIVE.items():
+        owner = getattr(cfg, section) if section else cfg
+        for name in names:
+            value = getattr(owner, name)
+            if value < 0:
+                where = f"{section}.{name}" if section else name
+                raise ConfigError(f"'{where}' must not be negative, got {value}")
+    for value in cfg.eval.ways:
+        if value < 2:
+            raise ConfigError(f"'eval.ways' must be at least 2, got {value}")
+    for value in cfg.eval.shots:
+        if value < 1:
+            raise ConfigError(f"'eval.shots' must be at least 1, got {value}")
+    if cfg.meta.ways < 2:
+        raise ConfigError(f"'meta.ways' must be at least 2, got {cfg.meta.ways}")
+    if not 0 <= cfg.pretrain.gamma <= 1 or not 0 <= cfg.meta.gamma <= 1:
+        raise ConfigError("'gamma' (learning-rate decay) must lie in [0, 1]")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config, for YAML and JSON."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> RunConfig:
+    """Rebuild a config saved with :func:`to_dict` (unknown keys are errors)."""
+    cfg = merge(RunConfig(), data)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,86 @@
+"""The one interface every dataset presents to samplers and phases.
+
+A split is a uint8 image array (possibly memory-mapped), an integer label per image and
+the class names. Samplers only ever see ``indices_by_class``; phases turn index batches
+into float tensors with :func:`metatransfer.data.transforms.to_tensor_batch`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from ..errors import DataError
+
+
+@dataclass
+class ImageSplit:
+    """One split of one dataset, decoded once.
+
+    Attributes:
+        images: ``(n, height, width, channels)`` uint8, channels 1 or 3.
+        labels: ``(n,)`` int64 in ``[0, num_classes)``.
+        class_names: one name per label value.
+        name: e.g. ``"miniimagenet/val"``, used in messages.
+        mean, std: per-channel normalisation in ``[0, 1]`` units.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    name: str
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    source: str = ""  # where the images came from, for messages
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype != np.uint8:
+            raise ValueError(f"{self.name}: images must be (n, h, w, c) uint8")
+        if len(self.labels) != len(self.images):
+            raise ValueError(f"{self.name}: {len(self.labels)} labels for {len(self.images)} images")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[3])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.images.shape[1]), int(self.images.shape[2])
+
+    @cached_property
+    def indices_by_class(self) -> list[np.ndarray]:
+        """Image indices of each class, in order."""
+        order = np.argsort(self.labels, kind="stable")
+        counts = np.bincount(self.labels, minlength=self.num_classes)
+        return np.split(order, np.cumsum(counts)[:-1])
+
+    @property
+    def class_sizes(self) -> np.ndarray:
+        return np.array([len(i) for i in self.indices_by_class])
+
+    def require(self, ways: int, per_class: int, what: str = "episodes") -> None:
+        """Fail clearly when ``ways``-way episodes with ``per_class`` images can't be drawn."""
+        if ways > self.num_classes:
+            raise DataError(
+                f"{self.name}: {ways}-way {what} need {ways} classes but the split has "
+                f"{self.num_classes}; lower the ways"
+            )
+        sizes = self.class_sizes
+        enough = int((sizes >= per_class).sum())
+        if enough < ways:
+            small = self.class_names[int(np.argmin(sizes))]
+            raise DataError(
+                f"{self.name}: {what} need {per_class} images per class (shots + queries) in "
+                f"{ways} classes, but only {enough} classes have that many (class '{small}' has "
+                f"{sizes.min()}); lower shots or queries"
+            )
