@@ -119,7 +119,7 @@ class RunConfig:
 
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    out: str = "runs/latest"
+    out: str = ""  # run directory; empty = runs/<dataset>-<backbone>-<time>
     amp: Literal["auto", "off", "bf16"] = "auto"  # bf16 autocast on CUDA when 'auto'
     channels_last: bool = True  # used on CUDA
     compile: bool = False  # torch.compile the backbone

@@ -1,0 +1,273 @@
+"""The ``mtl`` command: parse, load the config, call a phase. Nothing else lives here.
+
+User errors (:class:`MTLError`) are caught once, here, and printed as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import RunConfig, load_config, preset_description, preset_names
+from .errors import ConfigError, MTLError
+
+log = logging.getLogger("metatransfer")
+_current_run: list[str] = []  # the run directory in use, for the interrupt message
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help="a preset name (see `mtl presets`)")
+    parser.add_argument("--config", help="a YAML config file (applied after the preset)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a field, e.g. meta.inner_steps=50")
+    parser.add_argument("--out", help="run directory (default: runs/<dataset>-<backbone>-<time>)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR with its saved config")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def resolve_run_config(args: argparse.Namespace) -> RunConfig:
+    """Config from --resume (the run's own config.yaml) or preset/file/overrides."""
+    if args.resume:
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"{args.resume} is not a run directory (no config.yaml)")
+        cfg = load_config(file=saved, overrides=args.overrides)
+        cfg.out = str(args.resume)
+        return cfg
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out={args.out}")
+    cfg = load_config(args.preset, args.config, overrides)
+    if not cfg.out:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        cfg.out = f"runs/{cfg.data.name}-{cfg.model.backbone}-{stamp}"
+    elif not args.resume and (Path(cfg.out) / "state").is_dir() and any(
+            (Path(cfg.out) / "state").glob("*.pt")) and args.command in ("run", "pretrain",
+                                                                          "meta-train"):
+        raise ConfigError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out} "
+                          "or choose another --out")
+    return cfg
+
+
+def start(cfg: RunConfig):
+    """Seed, pick the device, open the run directory and record the config."""
+    import torch
+
+    from .runs import RunDir, resolve_device, seed_everything
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    run = RunDir(cfg.out)
+    _current_run.append(str(run.path))
+    run.write_config(cfg, device)
+    log.info("run directory %s, device %s", run.path, device)
+    return run, device
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .phases.meta_test import meta_test, results_table
+    from .phases.meta_train import meta_train
+    from .phases.pretrain import pretrain
+
+    cfg = resolve_run_config(args)
+    run, device = start(cfg)
+    started = time.perf_counter()
+    show = not args.quiet
+    pretrained = pretrain(cfg, run, device, show)
+    meta = meta_train(cfg, run, device, pretrained, show)
+    results = meta_test(cfg, run, device, meta, pretrained, show)
+    results["run_seconds"] = round(time.perf_counter() - started, 1)
+    print(results_table(results))
+    print(f"\nresults in {run.path / 'results.md'} ({results['run_seconds']:.0f} s)")
+    run.close()
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from .phases.pretrain import pretrain
+
+    cfg = resolve_run_config(args)
+    run, device = start(cfg)
+    path = pretrain(cfg, run, device, not args.quiet)
+    print(f"pre-trained model: {path}")
+    run.close()
+
+
+def cmd_meta_train(args: argparse.Namespace) -> None:
+    from .phases.meta_train import meta_train
+    from .phases.pretrain import BEST
+
+    cfg = resolve_run_config(args)
+    pretrained = Path(args.pretrained) if args.pretrained else Path(cfg.out) / BEST
+    if not pretrained.exists():
+        raise MTLError(f"pre-trained checkpoint {pretrained} not found; run `mtl pretrain` "
+                       "first or pass --pretrained FILE")
+    from .checkpoints import resolve_checkpoint
+
+    run, device = start(cfg)
+    path = meta_train(cfg, run, device, resolve_checkpoint(pretrained), not args.quiet)
+    print(f"meta-trained model: {path}")
+    run.close()
+
+
+def cmd_meta_test(args: argparse.Namespace) -> None:
+    from .checkpoints import resolve_checkpoint
+    from .phases.meta_test import meta_test, results_table
+
+    if args.methods:
+        args.overrides.append(f"eval.methods=[{args.methods}]")
+    if args.episodes:
+        args.overrides.append(f"eval.episodes={args.episodes}")
+    source = Path(args.checkpoint) if args.checkpoint else None
+    if source is not None and source.is_dir() and (source / "config.yaml").is_file() \
+            and not (args.preset or args.config):
+        args.config = str(source / "config.yaml")
+    cfg = resolve_run_config(args)
+    if source is None:
+        source = Path(cfg.out)
+    meta_path = pretrained_path = None
+    if source.is_dir():
+        if (source / "meta_best.safetensors").is_file():
+            meta_path = source / "meta_best.safetensors"
+        if (source / "pretrain_best.safetensors").is_file():
+            pretrained_path = source / "pretrain_best.safetensors"
+        if meta_path is None and pretrained_path is None:
+            resolve_checkpoint(source)  # raises the clear 'no checkpoint' error
+    else:
+        meta_path = resolve_checkpoint(source)
+    if args.pretrained:
+        pretrained_path = resolve_checkpoint(args.pretrained)
+    if args.out is None and not args.resume and source.is_dir():
+        cfg.out = str(source)
+    run, device = start(cfg)
+    results = meta_test(cfg, run, device, meta_path, pretrained_path, not args.quiet)
+    print(results_table(results))
+    print(f"\nresults in {run.path / 'results.md'}")
+    run.close()
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    for name in preset_names():
+        print(f"{name:24s} {preset_description(name)}")
+
+
+def cmd_data_verify(args: argparse.Namespace) -> None:
+    from .config import merge
+    from .data.verify import verify_dataset
+
+    cfg = load_config(overrides=args.overrides)
+    data = merge(cfg.data, {"name": args.name, **({"root": args.root} if args.root else {})})
+    report, ok = verify_dataset(data, args.splits.split(",") if args.splits else None)
+    print(report)
+    if not ok:
+        sys.exit(1)
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from .importers import main_import
+
+    print(main_import(args.format, args.path, args.out))
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtl", description="Meta-Transfer Learning for few-shot image classification.")
+    parser.add_argument("--version", action="version", version=f"metatransfer {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="pre-train, meta-train and meta-test in one go")
+    add_config_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("pretrain", help="phase 1: pre-train the backbone on the base classes")
+    add_config_options(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("meta-train", help="phase 2: meta-transfer learning (SS + theta_0, HT)")
+    add_config_options(p)
+    p.add_argument("--pretrained", help="pre-trained checkpoint (default: OUT/pretrain_best)")
+    p.set_defaults(func=cmd_meta_train)
+
+    p = sub.add_parser("meta-test", help="phase 3: evaluate methods on seeded episodes")
+    add_config_options(p)
+    p.add_argument("--checkpoint", help="run directory or meta-trained checkpoint file")
+    p.add_argument("--pretrained", help="pre-trained checkpoint for the ft/protonet baselines")
+    p.add_argument("--method", dest="methods", help="comma-separated methods, e.g. mtl,ft")
+    p.add_argument("--episodes", type=int, help="episodes per setting (default 600)")
+    p.set_defaults(func=cmd_meta_test)
+
+    p = sub.add_parser("presets", help="list the YAML presets")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    v = data_sub.add_parser("verify", help="check a dataset on disk and summarise it")
+    v.add_argument("name", help="dataset name, e.g. miniimagenet")
+    v.add_argument("--root", help="dataset root folder")
+    v.add_argument("--splits", help="comma-separated splits (default: all the format has)")
+    v.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="data options, e.g. data.image_size=80")
+    v.set_defaults(func=cmd_data_verify)
+
+    p = sub.add_parser("import", help="convert published weights to a metatransfer checkpoint")
+    p.add_argument("format", help="authors-pretrain | authors-meta | feat | rfs")
+    p.add_argument("path", help="the file to convert")
+    p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
+    p.set_defaults(func=cmd_import)
+
+    for register in _optional_commands():
+        register(sub)
+    return parser
+
+
+def _optional_commands():
+    """Commands whose modules register themselves (adapt, serve, report)."""
+    found = []
+    for module in ("adapt", "serve", "report"):
+        try:
+            mod = __import__(f"metatransfer.{module}", fromlist=["register_cli"])
+        except ImportError as exc:
+            if exc.name and exc.name.startswith("metatransfer"):
+                continue
+            raise
+        if hasattr(mod, "register_cli"):
+            found.append(mod.register_cli)
+    return found
+
+
+def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: save and stop
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        args.func(args)
+    except MTLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        hint = f"; continue with --resume {_current_run[-1]}" if _current_run else ""
+        print(f"interrupted{hint}", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,65 @@
+"""From uint8 index batches to normalised float tensors, augmentation on whole batches.
+
+Images stay uint8 until they are on the target device; conversion, augmentation and
+normalisation then run as batched tensor ops (torchvision transforms v2), on the GPU
+when there is one, so the data pipeline never holds the training loop back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from .base import ImageSplit
+
+
+def gather_uint8(split: ImageSplit, indices: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``(n, c, h, w)`` uint8 on ``device``, through pinned memory when it is CUDA."""
+    batch = torch.from_numpy(np.ascontiguousarray(split.images[indices])).permute(0, 3, 1, 2)
+    if device.type == "cuda":
+        return batch.contiguous().pin_memory().to(device, non_blocking=True)
+    return batch.contiguous()
+
+
+class Normalizer:
+    """uint8 ``(n, c, h, w)`` -> float, scaled to [0, 1] and standardised per channel."""
+
+    def __init__(self, mean, std, device: torch.device) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.inv_std = 1.0 / torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().mul_(1.0 / 255.0)
+        return x.sub_(self.mean).mul_(self.inv_std)
+
+
+def augmentation(kind: str, image_size: tuple[int, int], channels: int) -> v2.Transform | None:
+    """Pre-training augmentation on uint8 batches (``none`` or ``standard``).
+
+    ``standard`` is the usual few-shot recipe: random crop with padding, horizontal flip
+    for natural images, and brightness/contrast jitter. Applied per batch: every image of
+    a batch shares the random parameters of v2's batched call, so we apply it to small
+    chunks to keep variety without a per-image Python loop.
+    """
+    if kind == "none":
+        return None
+    if kind != "standard":
+        raise ValueError(f"unknown augmentation '{kind}' (none | standard)")
+    h, w = image_size
+    pad = max(2, h // 10)
+    steps: list[v2.Transform] = [v2.RandomCrop((h, w), padding=pad, padding_mode="reflect")]
+    if channels == 3:
+        steps.append(v2.RandomHorizontalFlip())
+        steps.append(v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4))
+    else:
+        steps.append(v2.RandomAffine(degrees=10, scale=(0.9, 1.1)))
+    return v2.Compose(steps)
+
+
+def augment_batch(images: torch.Tensor, transform: v2.Transform | None,
+                  chunk: int = 4) -> torch.Tensor:
+    """Apply ``transform`` to ``images`` in chunks of ``chunk`` (shared params per chunk)."""
+    if transform is None:
+        return images
+    return torch.cat([transform(part) for part in images.split(chunk)])

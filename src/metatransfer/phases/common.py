@@ -1,0 +1,61 @@
+"""What the phases share: device settings, model building, validation episodes."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import RunConfig
+from ..data.base import ImageSplit
+from ..data.episodes import EpisodeSampler
+from ..data.transforms import Normalizer
+from ..evaluation import Embedder, evaluate, mean_ci95
+from ..models import create_backbone
+
+
+def use_amp(cfg: RunConfig, device: torch.device) -> bool:
+    """bf16 autocast: on by default on CUDA, never on CPU (no speed-up there)."""
+    return device.type == "cuda" and cfg.amp in ("auto", "bf16")
+
+
+def autocast(enabled: bool, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def channels_last(cfg: RunConfig, device: torch.device) -> bool:
+    return cfg.channels_last and device.type == "cuda"
+
+
+def new_backbone(cfg: RunConfig, in_channels: int, device: torch.device) -> nn.Module:
+    model = create_backbone(cfg.model.backbone, in_channels=in_channels,
+                            **cfg.model.backbone_args).to(device)
+    if channels_last(cfg, device):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def make_embedder(cfg: RunConfig, backbone: nn.Module, split: ImageSplit,
+                  device: torch.device, feature_norm: str = "none") -> Embedder:
+    return Embedder(backbone, Normalizer(split.mean, split.std, device), device,
+                    amp=use_amp(cfg, device), channels_last=channels_last(cfg, device),
+                    feature_norm=feature_norm)
+
+
+def progress(iterable, enabled: bool = True, **kwargs):
+    """tqdm on stderr, quiet when not the main process."""
+    return tqdm(iterable, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+                mininterval=1.0, **kwargs)
+
+
+def validation_accuracy(method: str, embedder: Embedder, split: ImageSplit, ways: int,
+                        shots: int, queries: int, episodes: int, seed: int,
+                        steps: int = 0, lr: float = 0.0, head=None) -> tuple[float, float]:
+    """Mean and CI (percent) of ``method`` on seeded validation episodes."""
+    sampler = EpisodeSampler(split.indices_by_class, ways, shots, queries, seed, split.name)
+    acc = evaluate(method, embedder, split, sampler, np.arange(episodes), steps, lr, head)
+    return mean_ci95(acc)

@@ -1,0 +1,152 @@
+"""Phase 3 — meta-test: seeded novel-class episodes, every method on the same episodes.
+
+For each requested (ways, shots): draw ``eval.episodes`` episodes from the evaluated split
+with the evaluation seed, then score each method on exactly those episodes:
+
+* ``mtl``: SS-modulated backbone, inner loop from the meta-learned θ_0;
+* ``ft``: the same inner loop from zero on the plain pre-trained features;
+* ``protonet``: nearest class centroid on the pre-trained features.
+
+Accuracy is the mean over episodes with a 95% confidence interval, in percent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoints import ModelInfo, build_backbone, load_model
+from ..config import RunConfig
+from ..data import load_split
+from ..data.episodes import EpisodeSampler
+from ..errors import ConfigError, MTLError
+from ..evaluation import evaluate, mean_ci95
+from ..learners import METHODS
+from ..runs import RunDir
+from .common import channels_last, make_embedder
+
+log = logging.getLogger(__name__)
+
+
+def split_name(cfg: RunConfig) -> str:
+    """The on-disk split ``eval.split`` refers to (``test`` -> ``data.test_split`` etc.)."""
+    mapping = {"train": cfg.data.train_split, "val": cfg.data.val_split,
+               "test": cfg.data.test_split}
+    return mapping.get(cfg.eval.split, cfg.eval.split)
+
+
+def load_models(meta_path: Path | None, pretrained_path: Path | None, methods: list[str]):
+    """Backbones per method: the SS backbone (+θ_0) for mtl, the plain one for baselines."""
+    models: dict[str, tuple[ModelInfo, nn.Module, tuple | None]] = {}
+    meta = load_model(meta_path) if meta_path else None
+    if "mtl" in methods:
+        if meta is None or not meta[2]:
+            raise MTLError("method 'mtl' needs a meta-trained checkpoint (run meta-train first, "
+                           "or pass --checkpoint)")
+        info, state, head = meta
+        models["mtl"] = (info, build_backbone(info, state), (head["weight"], head["bias"]))
+    baselines = [m for m in methods if m != "mtl"]
+    if baselines:
+        if pretrained_path is not None:
+            info, state, _ = load_model(pretrained_path)
+        elif meta is not None and not meta[0].extra.get("bn_affine"):
+            # W and b are frozen during meta-training: dropping SS gives the pre-trained net
+            info, state = meta[0], {k: v for k, v in meta[1].items()
+                                    if not k.endswith(("ss_scale", "ss_shift"))}
+        else:
+            raise MTLError(f"methods {', '.join(baselines)} need the pre-trained checkpoint "
+                           "(pass --pretrained)")
+        plain = (info, build_backbone(info, state), None)
+        for method in baselines:
+            models[method] = plain
+    return models
+
+
+def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path | None,
+              pretrained_path: Path | None, show: bool = True) -> dict:
+    """Evaluate every method on the same seeded episodes; write results.json / results.md."""
+    ec = cfg.eval
+    unknown = [m for m in ec.methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method '{unknown[0]}'; choose from {', '.join(METHODS)}")
+    split = load_split(cfg.data, split_name(cfg))
+    models = load_models(meta_path, pretrained_path, ec.methods)
+    embedders, caches = {}, {}
+    for method, (info, backbone, _) in models.items():
+        key = id(backbone)
+        if key not in embedders:
+            backbone = backbone.to(device).eval()
+            if channels_last(cfg, device):
+                backbone = backbone.to(memory_format=torch.channels_last)
+            norm = info.feature_norm if method == "mtl" else "none"
+            embedders[key] = make_embedder(cfg, backbone, split, device, norm)
+            caches[key] = {}
+    rows = []
+    started = time.perf_counter()
+    for ways in ec.ways:
+        for shots in ec.shots:
+            split.require(ways, shots + ec.queries, f"{ways}-way {shots}-shot test episodes")
+            sampler = EpisodeSampler(split.indices_by_class, ways, shots, ec.queries,
+                                     seed=ec.seed, name=split.name)
+            for method in ec.methods:
+                info, backbone, head = models[method]
+                if head is not None:
+                    head = (head[0].to(device), head[1].to(device))
+                acc = evaluate(method, embedders[id(backbone)], split, sampler,
+                               np.arange(ec.episodes), ec.inner_steps, ec.inner_lr, head,
+                               episode_batch=ec.episode_batch, cache=caches[id(backbone)],
+                               progress=show and run.is_main)
+                mean, ci = mean_ci95(acc)
+                rows.append({"method": method, "ways": ways, "shots": shots,
+                             "queries": ec.queries, "episodes": int(len(acc)),
+                             "accuracy": round(mean, 2), "ci95": round(ci, 2)})
+                log.info("%s %d-way %d-shot: %.2f%% ± %.2f", method, ways, shots, mean, ci)
+    results = {
+        "dataset": cfg.data.name,
+        "split": split_name(cfg),
+        "backbone": cfg.model.backbone,
+        "seed": cfg.seed,
+        "eval_seed": ec.seed,
+        "inner_steps": ec.inner_steps,
+        "inner_lr": ec.inner_lr,
+        "device": str(device),
+        "eval_seconds": round(time.perf_counter() - started, 2),
+        "results": rows,
+    }
+    if run.is_main:
+        write_results(run.path, results)
+    return results
+
+
+def results_table(results: dict) -> str:
+    """Markdown table: one row per (ways, shots), one column per method."""
+    methods = list(dict.fromkeys(r["method"] for r in results["results"]))
+    settings = list(dict.fromkeys((r["ways"], r["shots"]) for r in results["results"]))
+    cell = {(r["method"], r["ways"], r["shots"]): r for r in results["results"]}
+    lines = ["| setting | " + " | ".join(methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    for ways, shots in settings:
+        values = []
+        for m in methods:
+            r = cell.get((m, ways, shots))
+            values.append(f"{r['accuracy']:.2f} ± {r['ci95']:.2f}" if r else "–")
+        lines.append(f"| {ways}-way {shots}-shot | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def write_results(folder: Path, results: dict) -> None:
+    (folder / "results.json").write_text(json.dumps(results, indent=2))
+    episodes = results["results"][0]["episodes"] if results["results"] else 0
+    queries = results["results"][0]["queries"] if results["results"] else 0
+    text = (f"# Results: {results['dataset']} ({results['split']} split), "
+            f"{results['backbone']}\n\n"
+            f"Accuracy in % with 95% confidence interval over {episodes} episodes "
+            f"({queries} queries per class), the same episodes for every method.\n\n"
+            f"{results_table(results)}\n")
+    (folder / "results.md").write_text(text)

@@ -1,0 +1,238 @@
+"""Phase 2 — meta-transfer learning with the hard-task (HT) meta-batch.
+
+Algorithm (SPEC §1, Sun et al. Alg. 1 with HT):
+
+    freeze the pre-trained Θ; add scaling Φ_S1 = 1 and shifting Φ_S2 = 0 to its convs
+    for each meta-batch of k tasks:
+        embed all k tasks' images in ONE backbone pass (SS-modulated)
+        θ'_t ← inner loop from θ_0 on task t's support set (batched over tasks)
+        L_t ← cross-entropy of task t's queries under θ'_t
+        failure class of task t ← its class with the lowest query accuracy
+        k' hard tasks ← tasks made of the failure classes (reuse | resample images)
+        L_h ← the same for each hard task
+        (Φ_S, θ_0) ← Adam step on mean(L_t, L_h)
+    after each epoch: val accuracy; keep the best (Φ_S, θ_0)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoints import build_backbone, load_model, save_model
+from ..config import RunConfig
+from ..data import load_split
+from ..data.base import ImageSplit
+from ..data.episodes import EpisodeBatch, EpisodeSampler, failure_classes, hard_tasks
+from ..data.transforms import Normalizer, gather_uint8
+from ..errors import CheckpointError, MTLError
+from ..learners import adapt, linear_logits, normalize_features
+from ..models.ss import enable_ss
+from ..runs import RunDir, rng_state, set_rng_state
+from .common import autocast, channels_last, make_embedder, progress, use_amp
+from .common import validation_accuracy
+from .pretrain import model_info
+
+log = logging.getLogger(__name__)
+BEST = "meta_best.safetensors"
+
+
+class MetaLearner(nn.Module):
+    """The meta-learned state: the frozen SS backbone and the head initialisation θ_0."""
+
+    def __init__(self, backbone: nn.Module, ways: int, granularity: str, scope: str,
+                 bn_affine: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.ss_params = enable_ss(backbone, granularity, scope, bn_affine)
+        # θ_0 starts at zero: episode labels are random permutations, so any class-specific
+        # start is noise; zero is also where the `ft` baseline starts, isolating the effect
+        # of meta-transfer.
+        self.weight0 = nn.Parameter(torch.zeros(ways, backbone.out_dim))
+        self.bias0 = nn.Parameter(torch.zeros(ways))
+
+    def head(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight0, "bias": self.bias0}
+
+
+def task_losses(
+    learner: MetaLearner,
+    split: ImageSplit,
+    batch: EpisodeBatch,
+    cfg: RunConfig,
+    normalizer: Normalizer,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query losses ``(T,)`` of a batch of tasks, and their query accuracy per task ``(T,)``
+    and predictions ``(T, n_query)`` (on the device: no host sync unless HT needs it).
+
+    All tasks' support and query images go through one backbone forward pass.
+    """
+    mc = cfg.meta
+    tasks, n_support = batch.support.shape
+    indices = np.concatenate([batch.support.ravel(), batch.query.ravel()])
+    images = normalizer(gather_uint8(split, indices, device))
+    if channels_last(cfg, device):
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(use_amp(cfg, device), device):
+        feats = learner.backbone(images)
+    feats = normalize_features(feats.float(), mc.feature_norm)
+    support = feats[: tasks * n_support].view(tasks, n_support, -1)
+    query = feats[tasks * n_support:].view(tasks, batch.query.shape[1], -1)
+    support_labels = torch.as_tensor(batch.support_labels(), device=device).expand(tasks, -1)
+    query_labels = torch.as_tensor(batch.query_labels(), device=device).expand(tasks, -1)
+    weight, bias = adapt(learner.weight0, learner.bias0, support, support_labels, batch.ways,
+                         mc.inner_steps, mc.inner_lr, first_order=mc.first_order)
+    logits = linear_logits(weight, bias, query)
+    losses = F.cross_entropy(logits.reshape(-1, batch.ways), query_labels.reshape(-1),
+                             reduction="none").view(tasks, -1).mean(1)
+    return losses, logits.argmax(-1).detach()
+
+
+def meta_step(
+    learner: MetaLearner,
+    split: ImageSplit,
+    sampler: EpisodeSampler,
+    step: int,
+    cfg: RunConfig,
+    normalizer: Normalizer,
+    device: torch.device,
+) -> tuple[torch.Tensor, dict]:
+    """Loss of meta-batch number ``step`` (k normal + k' hard tasks), ready for backward."""
+    mc = cfg.meta
+    batch = sampler.batch(step * mc.meta_batch, mc.meta_batch)
+    losses, pred = task_losses(learner, split, batch, cfg, normalizer, device)
+    query_labels = torch.as_tensor(batch.query_labels(), device=device)
+    stats = {"acc": (pred == query_labels).float().mean()}
+    if mc.ht != "off" and mc.ht_tasks > 0:
+        pred_host = pred.cpu().numpy()  # the failure classes decide which images come next
+        failures = failure_classes(pred_host, np.broadcast_to(batch.query_labels(),
+                                                              pred_host.shape), batch.ways)
+        rng = np.random.default_rng([cfg.seed, 7919, step])
+        hard = hard_tasks(batch, failures, mc.ht_tasks, mc.ht, sampler, rng)
+        hard_losses, hard_pred = task_losses(learner, split, hard, cfg, normalizer, device)
+        hard_labels = torch.as_tensor(hard.query_labels(), device=device)
+        stats["hard_acc"] = (hard_pred == hard_labels).float().mean()
+        losses = torch.cat([losses, hard_losses])
+    return losses.mean(), stats
+
+
+def load_pretrained(path: Path) -> tuple:
+    info, state, _ = load_model(path)
+    if any(k.endswith("ss_scale") for k in state):
+        raise CheckpointError(f"{path} is already meta-trained; give the pre-trained checkpoint")
+    return info, build_backbone(info, state)
+
+
+def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Path,
+               show: bool = True) -> Path:
+    """Run (or resume) meta-transfer learning; returns the best meta checkpoint's path."""
+    mc = cfg.meta
+    best_path = run.path / BEST
+    state = run.load_state("meta")
+    if state and state.get("done"):
+        log.info("meta-training already complete in %s", run.path)
+        return best_path
+    train = load_split(cfg.data, cfg.data.train_split)
+    val = load_split(cfg.data, cfg.data.val_split)
+    info, backbone = load_pretrained(pretrained)
+    if info.in_channels != train.channels:
+        raise MTLError(f"{pretrained} expects {info.in_channels}-channel images but "
+                       f"{train.name} has {train.channels}; pre-train on this dataset")
+    backbone = backbone.to(device)
+    if channels_last(cfg, device):
+        backbone = backbone.to(memory_format=torch.channels_last)
+    learner = MetaLearner(backbone, mc.ways, cfg.model.ss_granularity, cfg.model.ss_scope,
+                          cfg.model.ss_bn_affine).to(device)
+    optimizer = torch.optim.Adam([
+        {"params": learner.ss_params, "lr": mc.lr_ss},
+        {"params": [learner.weight0, learner.bias0], "lr": mc.lr_head},
+    ])
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, max(mc.step_size, 1), mc.gamma)
+    sampler = EpisodeSampler(train.indices_by_class, mc.ways, mc.shots, mc.queries,
+                             seed=cfg.seed, name=train.name)
+    val.require(mc.ways, mc.shots + mc.queries, "validation episodes")
+    epoch, start_step, best_acc = 0, 0, -1.0
+    if state:
+        learner.load_state_dict(state["learner"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        epoch, start_step, best_acc = state["epoch"], state["step"], state["best_acc"]
+        set_rng_state(state["rng"])
+        log.info("resuming meta-training at epoch %d, step %d", epoch, start_step)
+
+    normalizer = Normalizer(train.mean, train.std, device)
+    embedder = make_embedder(cfg, backbone, val, device, mc.feature_norm)
+    bn_train = mc.bn_mode == "train"
+    meta_info = model_info(cfg, train, backbone, "meta")
+    meta_info.ways = mc.ways
+    meta_info.inner_steps, meta_info.inner_lr = mc.inner_steps, mc.inner_lr
+    meta_info.extra = {"bn_affine": cfg.model.ss_bn_affine, "ss_scope": cfg.model.ss_scope,
+                       "ss_granularity": cfg.model.ss_granularity, "ht": mc.ht}
+
+    def save(step_in_epoch: int, ep: int, done: bool = False) -> None:
+        run.save_state("meta", {
+            "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": ep, "step": step_in_epoch,
+            "best_acc": best_acc, "rng": rng_state(), "done": done,
+        })
+
+    last_save = time.monotonic()
+    while epoch < mc.epochs:
+        learner.train(bn_train)
+        loss_sum = torch.zeros((), device=device)
+        acc_sum = torch.zeros((), device=device)
+        hard_sum = torch.zeros((), device=device)
+        count = 0
+        bar = progress(range(start_step, mc.episodes_per_epoch), run.is_main and show,
+                       desc=f"meta-train {epoch + 1}/{mc.epochs}", leave=False)
+        for step in bar:
+            loss, stats = meta_step(learner, train, sampler, epoch * mc.episodes_per_epoch + step,
+                                    cfg, normalizer, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if mc.grad_clip > 0:
+                nn.utils.clip_grad_norm_(learner.parameters(), mc.grad_clip)
+            optimizer.step()
+            loss_sum += loss.detach()
+            acc_sum += stats["acc"]
+            if "hard_acc" in stats:
+                hard_sum += stats["hard_acc"]
+            count += 1
+            if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
+                save(step + 1, epoch)
+                last_save = time.monotonic()
+        start_step = 0
+        scheduler.step()
+        train_loss = float(loss_sum) / max(count, 1)
+        if not math.isfinite(train_loss):
+            raise MTLError(f"meta-training loss became {train_loss} in epoch {epoch + 1}; "
+                           "lower meta.lr_ss / meta.lr_head (the last good checkpoint is kept)")
+        val_acc, val_ci = validation_accuracy(
+            "mtl", embedder, val, mc.ways, mc.shots, mc.queries, mc.val_episodes,
+            seed=cfg.eval.seed, steps=mc.inner_steps, lr=mc.inner_lr,
+            head=(learner.weight0.detach(), learner.bias0.detach()))
+        epoch += 1
+        improved = val_acc > best_acc
+        if improved:
+            best_acc = val_acc
+            if run.is_main:
+                save_model(best_path, meta_info, backbone, learner.head())
+        extra = {"hard_acc": 100 * float(hard_sum) / max(count, 1)} if mc.ht != "off" else {}
+        run.log("meta", epoch, loss=train_loss, train_acc=100 * float(acc_sum) / max(count, 1),
+                val_acc=val_acc, val_ci95=val_ci, **extra)
+        log.info("meta-train epoch %d/%d: loss %.4f, val %d-way %d-shot %.2f%% ± %.2f%s",
+                 epoch, mc.epochs, train_loss, mc.ways, mc.shots, val_acc, val_ci,
+                 " (best)" if improved else "")
+        save(0, epoch, done=epoch >= mc.epochs)
+        last_save = time.monotonic()
+    if not best_path.is_file() and run.is_main:
+        save_model(best_path, meta_info, backbone, learner.head())
+    return best_path

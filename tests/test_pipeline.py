@@ -1,0 +1,52 @@
+"""End to end: pretrain -> meta-train (HT) -> meta-test on the toy dataset, via the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_overrides
+
+from metatransfer.cli import main
+
+
+def run_cli(args):
+    try:
+        main(args)
+    except SystemExit as exc:
+        assert exc.code in (0, None), f"mtl {' '.join(args)} exited {exc.code}"
+
+
+def test_tiny_run_writes_results(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "--quiet"]
+    for item in tiny_overrides(out):
+        args += ["--set", item]
+    run_cli(args)
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"] == "toy"
+    got = {(r["method"], r["shots"]) for r in results["results"]}
+    assert got == {(m, s) for m in ("mtl", "ft", "protonet") for s in (1, 5)}
+    for row in results["results"]:
+        assert row["episodes"] == 20 and row["queries"] == 5 and row["ways"] == 5
+        assert 20.0 <= row["accuracy"] <= 100.0 and row["ci95"] >= 0
+    for name in ("config.yaml", "environment.json", "metrics.jsonl", "results.md",
+                 "pretrain_best.safetensors", "meta_best.safetensors"):
+        assert (out / name).is_file(), name
+    assert list((out / "tb").iterdir()), "TensorBoard events written"
+    phases = {json.loads(line)["phase"] for line in (out / "metrics.jsonl").open()}
+    assert phases == {"pretrain", "meta"}
+    table = capsys.readouterr().out
+    assert "5-way 1-shot" in table and "mtl" in table
+
+
+def test_rerun_into_existing_run_dir_asks_for_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["pretrain", "--quiet"]
+    for item in tiny_overrides(out):
+        args += ["--set", item]
+    run_cli(args)
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert "--resume" in capsys.readouterr().err
