@@ -247,6 +247,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"'{key}' has an invalid value {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and all(isinstance(a, str) for a in args):
+            # YAML reads a bare off/on/no/yes as a boolean; map it back to the word
+            words = [w for w in (("off", "false", "no") if not value else ("on", "true", "yes"))
+                     if w in args]
+            value = words[0] if words else value
         if value not in args:
             choices = " | ".join(str(a) for a in args)
             raise ConfigError(f"'{key}' must be one of {choices}, got {value!r}")
@@ -265,6 +270,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"'{key}' must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-2' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{key}' must be a number, got {value!r}")
         return float(value)

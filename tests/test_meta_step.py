@@ -1,0 +1,68 @@
+"""A meta-train step changes only Φ_S and θ_0; SS at initialisation is the plain network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_toy_split
+
+from metatransfer.config import load_config
+from metatransfer.data.episodes import EpisodeSampler
+from metatransfer.data.transforms import Normalizer
+from metatransfer.models import create_backbone
+from metatransfer.phases.meta_train import MetaLearner, meta_step
+
+
+@pytest.mark.parametrize("ht,bn_affine", [("off", False), ("resample", False),
+                                          ("reuse", True)])
+def test_meta_step_updates_only_ss_and_theta0(ht, bn_affine):
+    torch.manual_seed(0)
+    split = make_toy_split("train")
+    cfg = load_config(overrides=["meta.inner_steps=3", "meta.queries=3", f"meta.ht={ht}",
+                                 f"model.ss_bn_affine={str(bn_affine).lower()}"])
+    backbone = create_backbone("conv4", in_channels=1, width=8)
+    x = torch.randn(4, 1, 16, 16)
+    backbone.eval()
+    plain_out = backbone(x)
+    frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
+    learner = MetaLearner(backbone, 5, "kernel", "all", bn_affine)
+    torch.testing.assert_close(backbone(x), plain_out, rtol=0, atol=0)  # SS = identity at init
+    optimizer = torch.optim.Adam([{"params": learner.ss_params, "lr": 1e-2},
+                                  {"params": [learner.weight0, learner.bias0], "lr": 1e-2}])
+    sampler = EpisodeSampler(split.indices_by_class, 5, 1, 3, seed=0)
+    loss, stats = meta_step(learner, split, sampler, 0, cfg, Normalizer(split.mean, split.std,
+                                                                        torch.device("cpu")),
+                            torch.device("cpu"))
+    assert torch.isfinite(loss) and ("hard_acc" in stats) == (ht != "off")
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    after = backbone.state_dict()
+    for key, value in frozen.items():
+        if bn_affine and key.endswith((".weight", ".bias")) and after[key].dim() == 1:
+            continue  # BN affine is meta-learned when enabled
+        assert torch.equal(after[key], value), f"frozen tensor {key} changed"
+    ss = [k for k in after if k.endswith(("ss_scale", "ss_shift"))]
+    assert len(ss) == 8 and any(not torch.equal(after[k], torch.ones_like(after[k]))
+                                for k in ss if k.endswith("ss_scale"))
+    assert learner.weight0.abs().sum() > 0
+    if bn_affine:
+        bn = [k for k in after if k.endswith(".1.weight")]
+        assert any(not torch.equal(after[k], frozen[k]) for k in bn)
+
+
+def test_meta_batch_goes_through_one_backbone_pass():
+    split = make_toy_split("train")
+    cfg = load_config(overrides=["meta.inner_steps=2", "meta.queries=3", "meta.ht=off",
+                                 "meta.meta_batch=4"])
+    backbone = create_backbone("conv4", in_channels=1, width=8)
+    learner = MetaLearner(backbone, 5, "kernel", "all", False)
+    calls = []
+    backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    sampler = EpisodeSampler(split.indices_by_class, 5, 1, 3, seed=0)
+    meta_step(learner, split, sampler, 0, cfg, Normalizer(split.mean, split.std,
+                                                          torch.device("cpu")),
+              torch.device("cpu"))
+    assert calls == [4 * 5 * (1 + 3)]
+    assert np.isfinite(calls[0])
