@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from .errors import ConfigError
 class DataConfig:
     """Where the images come from and how they are prepared."""
 
-    name: str = "glyphs"  # glyphs | miniimagenet | tieredimagenet | fc100 | cifarfs | omniglot | folder
+    # glyphs | miniimagenet | tieredimagenet | fc100 | cifarfs | omniglot | folder
+    name: str = "glyphs"
     root: str | None = None  # dataset root on disk (not needed for glyphs)
     image_size: int = 0  # side length after resizing; 0 = the dataset's own default
     cache_dir: str | None = None  # uint8 cache location; default: a user cache dir
@@ -57,8 +59,8 @@ class PretrainConfig:
     """Phase 1: cross-entropy on all base classes."""
 
     epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
+    batch_size: int = 128  # global batch: all torchrun processes together
+    lr: float = 0.1  # for the global batch (unchanged by the number of processes)
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
@@ -66,6 +68,8 @@ class PretrainConfig:
     step_size: int = 30
     gamma: float = 0.2
     label_smoothing: float = 0.0
+    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
     val_episodes: int = 200
     val_ways: int = 5
     val_shots: int = 1
@@ -84,7 +88,7 @@ class MetaConfig:
     inner_steps: int = 100
     inner_lr: float = 0.01
     first_order: bool = False
-    meta_batch: int = 2  # k normal tasks per meta-batch
+    meta_batch: int = 2  # k normal tasks per meta-batch (global: split across processes)
     ht: Literal["off", "reuse", "resample"] = "resample"
     ht_tasks: int = 1  # k' hard tasks per meta-batch
     lr_ss: float = 1e-4
@@ -124,7 +128,9 @@ class RunConfig:
     channels_last: bool = True  # used on CUDA
     compile: bool = False  # torch.compile the backbone
     threads: int = 0  # CPU threads; 0 = torch's default
-    checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch at this interval
+    checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch at this interval; 0 = off
+    checkpoint_every_steps: int = 0  # also checkpoint every N optimiser steps; 0 = off
+    nan_policy: Literal["stop", "skip"] = "stop"  # on a NaN/Inf loss: stop, or skip the batch
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -259,7 +265,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is list:
         items = value if isinstance(value, list) else [value]
         if isinstance(value, str) and "," in value:
-            items = [yaml.safe_load(v) for v in value.split(",")]
+            items = [_yaml_scalar(v) for v in value.split(",")]
         return [_coerce(v, args[0], key) for v in items]
     if hint is bool:
         if isinstance(value, bool):
@@ -278,6 +284,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{key}' must be a number, got {value!r}")
         return float(value)
+    if hint is dict and not isinstance(value, dict):
+        raise ConfigError(f"'{key}' must be a mapping like {{width: 64}}, got {value!r}")
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"'{key}' must be a string, got {value!r}")
@@ -293,16 +301,40 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {
     "data": ["image_size"],
-    "pretrain": ["epochs", "lr", "weight_decay", "step_size", "momentum", "label_smoothing"],
+    "pretrain": ["epochs", "lr", "weight_decay", "step_size", "momentum", "label_smoothing",
+                 "grad_clip"],
     "meta": ["epochs", "inner_steps", "inner_lr", "ht_tasks", "lr_ss", "lr_head", "step_size",
              "grad_clip"],
     "eval": ["inner_steps", "inner_lr"],
-    "": ["threads", "checkpoint_minutes"],
+    "": ["threads", "checkpoint_minutes", "checkpoint_every_steps"],
 }
+
+
+def _yaml_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _floats(obj: Any, prefix: str = ""):
+    """``(dotted name, value)`` of every float field, nested sections included."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _floats(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{f.name}", value
 
 
 def validate(cfg: RunConfig) -> None:
     """Reject values no run can use, before any work starts."""
+    for name, value in _floats(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"'{name}' must be a finite number, got {value}")
+    for name in ("ways", "shots", "methods"):
+        if not getattr(cfg.eval, name):
+            raise ConfigError(f"'eval.{name}' must not be empty")
     for section, names in _POSITIVE.items():
         for name in names:
             value = getattr(getattr(cfg, section), name)

@@ -1,6 +1,13 @@
 """Datasets: one module per on-disk format, all returning :class:`ImageSplit`."""
 
-from . import glyphs  # noqa: F401  (each import registers its loader)
+from . import (
+    cifar,  # noqa: F401  (fc100, cifarfs)
+    folder,  # noqa: F401
+    glyphs,  # noqa: F401  (each import registers its loader)
+    miniimagenet,  # noqa: F401
+    omniglot,  # noqa: F401
+    tieredimagenet,  # noqa: F401
+)
 from .base import ImageSplit
 from .registry import dataset_names, load_split, register_dataset
 

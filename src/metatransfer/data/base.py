@@ -40,7 +40,8 @@ class ImageSplit:
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
             raise ValueError(f"{self.name}: images must be (n, h, w, c) uint8")
         if len(self.labels) != len(self.images):
-            raise ValueError(f"{self.name}: {len(self.labels)} labels for {len(self.images)} images")
+            raise ValueError(
+                f"{self.name}: {len(self.labels)} labels for {len(self.images)} images")
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -45,6 +45,22 @@ def files_fingerprint(paths: list[Path]) -> str:
     return h.hexdigest()[:20]
 
 
+def cached_shape(directory: Path, key: str) -> tuple[int, ...] | None:
+    """Shape of a complete cache entry ``directory/key``, or None when there is none.
+
+    For sources whose row count is only known after reading them (e.g. pickles): a hit
+    lets the caller skip the read and pass this shape to :func:`cached_uint8`.
+    """
+    meta_path = directory / f"{key}.json"
+    if not (directory / f"{key}.npy").is_file() or not meta_path.is_file():
+        return None
+    try:
+        shape = json.loads(meta_path.read_text()).get("shape")
+    except (OSError, ValueError):
+        return None
+    return tuple(shape) if isinstance(shape, list) else None
+
+
 def cached_uint8(
     directory: Path,
     key: str,

@@ -1,0 +1,132 @@
+"""Omniglot: ``images_background/`` and ``images_evaluation/``, ``<Alphabet>/<character>/*.png``.
+
+Either the 105x105 originals or the common 28x28 resize, resized to ``data.image_size``
+(28 by default). One class per character, named ``Alphabet/characterNN``.
+
+Split schemes (``data.split_scheme``):
+
+- ``lake`` (default): ``test`` = all of ``images_evaluation`` (20 alphabets, 659
+  characters); ``val`` = these 5 background alphabets, the alphabets of the Vinyals
+  validation list: Armenian, Bengali, Early_Aramaic, Hebrew, Mkhedruli_(Georgian)
+  (172 characters); ``train`` = the other 25 background alphabets (792 characters).
+  ``background`` and ``evaluation`` read a whole folder.
+- ``vinyals``: the character lists of Vinyals et al. (2016) shipped in
+  ``data/splits/omniglot_vinyals`` (train 1028, val 172, test 423, trainval 1200
+  characters), drawn from both folders.
+
+``data.rotations=true`` adds each character rotated by 90, 180 and 270 degrees as three
+new classes (``.../rot090`` etc.), the MAML/ProtoNet protocol.
+
+Ink: the files are black ink on white; we invert them so ink is bright (255) on a dark
+(0) background. Zero is then "no stroke", which is what the zero padding of crops and
+affine augmentation fills in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..config import DataConfig
+from ..errors import ConfigError, DataError
+from .base import ImageSplit
+from .folder import flatten, scan_class_folders
+from .images import is_image_file, load_image_files, packaged_split, require_root
+from .registry import register_dataset
+
+DEFAULT_SIZE = 28
+VAL_ALPHABETS = ("Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)")
+FOLDERS = {"background": "images_background", "evaluation": "images_evaluation"}
+# measured on the inverted 28x28 background set: ink covers about 8% of the pixels
+MEAN = (0.0787,)
+STD = (0.2693,)
+LAYOUT = "images_background/ and images_evaluation/, each <Alphabet>/<character>/*.png"
+ROTATION_NAMES = ("/rot000", "/rot090", "/rot180", "/rot270")
+
+
+def _folder(root: Path, which: str) -> Path:
+    path = root / FOLDERS[which]
+    if not path.is_dir():
+        raise DataError(f"omniglot: {path} is absent; unpack Omniglot's {FOLDERS[which]}.zip "
+                        f"there (<Alphabet>/<character>/*.png) or choose another split")
+    return path
+
+
+def _alphabets(folder: Path, only=None, exclude=()) -> dict[str, list[Path]]:
+    """``{"Alphabet/character": pngs}`` for the alphabets of ``folder``."""
+    if only is not None:
+        for name in only:
+            if not (folder / name).is_dir():
+                raise DataError(f"omniglot: validation alphabet {folder / name} is absent; "
+                                f"restore the full images_background folder")
+    names = only if only is not None else sorted(
+        p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes: dict[str, list[Path]] = {}
+    for alphabet in names:
+        if alphabet in exclude:
+            continue
+        for char, files in scan_class_folders("omniglot", folder / alphabet).items():
+            classes[f"{alphabet}/{char}"] = files
+    if not classes:
+        raise DataError(f"omniglot: {folder} holds no alphabets; put <Alphabet>/<character>/*.png "
+                        f"folders there")
+    return classes
+
+
+def _vinyals(root: Path, split: str) -> dict[str, list[Path]]:
+    text = packaged_split("omniglot_vinyals", f"{split}.txt")
+    if text is None:
+        raise DataError(f"omniglot: the vinyals scheme has splits train, val, test and trainval, "
+                        f"not '{split}'; choose one of them")
+    classes: dict[str, list[Path]] = {}
+    for name in (line.strip() for line in text.splitlines()):
+        if not name:
+            continue
+        found = [root / f / name for f in FOLDERS.values() if (root / f / name).is_dir()]
+        if not found:
+            raise DataError(f"omniglot: the vinyals {split} list names {name}, which is in neither "
+                            f"{root / FOLDERS['background']} nor {root / FOLDERS['evaluation']}; "
+                            f"put both Omniglot folders under data.root")
+        files = sorted(p for p in found[0].iterdir() if is_image_file(p))
+        if not files:
+            raise DataError(f"omniglot: class folder {found[0]} has no images; restore its .png "
+                            f"files")
+        classes[name] = files
+    return classes
+
+
+def _lake(root: Path, split: str) -> dict[str, list[Path]]:
+    if split == "train":
+        return _alphabets(_folder(root, "background"), exclude=VAL_ALPHABETS)
+    if split == "val":
+        return _alphabets(_folder(root, "background"), only=VAL_ALPHABETS)
+    if split in ("test", "evaluation"):
+        return _alphabets(_folder(root, "evaluation"))
+    if split == "background":
+        return _alphabets(_folder(root, "background"))
+    raise DataError(f"omniglot: the lake scheme has splits train, val, test, background and "
+                    f"evaluation, not '{split}'; choose one of them")
+
+
+def _rotations(image: np.ndarray) -> list[np.ndarray]:
+    return [np.rot90(image, k, axes=(0, 1)) for k in range(4)]
+
+
+@register_dataset("omniglot")
+def load(cfg: DataConfig, split: str) -> ImageSplit:
+    """One Omniglot split (see module docstring), single channel, ink bright."""
+    if cfg.split_scheme not in ("lake", "vinyals"):
+        raise ConfigError(f"data.split_scheme must be lake or vinyals for omniglot, got "
+                          f"'{cfg.split_scheme}'")
+    root = require_root("omniglot", cfg.root, LAYOUT)
+    classes = _lake(root, split) if cfg.split_scheme == "lake" else _vinyals(root, split)
+    paths, labels, names = flatten(classes)
+    rotate = bool(cfg.rotations)
+    return load_image_files(
+        dataset="omniglot", split=split, paths=paths, labels=labels,
+        class_names=names, size=cfg.image_size or DEFAULT_SIZE, channels=1, mean=MEAN, std=STD,
+        cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, source=str(root), invert=True,
+        variants=4 if rotate else 1, expand=_rotations if rotate else None,
+        variant_names=ROTATION_NAMES if rotate else ("",),
+    )

@@ -1,0 +1,381 @@
+"""Import published checkpoints (MTL authors, FEAT, RFS) as metatransfer checkpoints.
+
+Pre-training decides most of the final accuracy and costs days without a GPU, so users
+start from the weights released with those papers. Loading is strict: every source tensor
+is mapped or reported as ignored (with the reason), every tensor of our model is filled
+(only exact no-op values are ever synthesised, and reported), shapes are checked; the first
+problem raises :class:`CheckpointError` naming the offending key.
+
+Formats (``IMPORT_FORMATS``):
+
+- ``authors-pretrain``: ``{"params": ResNetMtl(mtl=False) state dict}`` (optionally with
+  ``encoder.`` / ``module.`` prefixes) -> ``resnet25``; ``pre_fc.*`` dropped.
+- ``authors-meta``: ``{"params": MtlLearner state dict}``: ``encoder.*`` with
+  ``mtl_weight``/``mtl_bias`` -> ``resnet25`` with SS, ``base_learner.fc1_w``/``fc1_b``
+  (alias ``base_learner.vars.0``/``.1``) -> theta_0 ``head.weight``/``head.bias``.
+- ``feat``: ``{"params": {"encoder.<resnet12 key>": ...}}`` -> ``resnet12``; FEAT's other
+  modules (``fc.*``, ``slf_attn.*``) dropped.
+- ``rfs``: ``{"model": resnet12 state dict, ...}`` -> ``resnet12``; ``classifier.*`` dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoints import ModelInfo, save_model
+from .errors import CheckpointError, ConfigError
+from .models import create_backbone
+from .models.ss import enable_ss
+
+# Normalisation of each source's data pipeline (pixel values in [0, 1]).
+AUTHORS_MEAN = [x / 255.0 for x in (125.3, 123.0, 113.9)]
+AUTHORS_STD = [x / 255.0 for x in (63.0, 62.1, 66.7)]
+MINI_RES12_MEAN = [x / 255.0 for x in (120.39586422, 115.59361427, 104.54012653)]
+MINI_RES12_STD = [x / 255.0 for x in (70.68188272, 68.27635443, 72.54505529)]
+
+
+@dataclass(frozen=True)
+class _Format:
+    backbone: str
+    backbone_args: dict
+    container: str  # top-level entry holding the state dict
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    meta: bool  # carries SS parameters and theta_0
+    description: str
+
+
+IMPORT_FORMATS: dict[str, _Format] = {
+    "authors-pretrain": _Format("resnet25", {}, "params", 80, AUTHORS_MEAN, AUTHORS_STD, False,
+                                "MTL authors' PyTorch pre-trained ResNet-25 (max_acc.pth)"),
+    "authors-meta": _Format("resnet25", {}, "params", 80, AUTHORS_MEAN, AUTHORS_STD, True,
+                            "MTL authors' PyTorch meta-trained model (SS + theta_0)"),
+    "feat": _Format("resnet12", {"drop_rate": 0.1, "dropblock_size": 5}, "params", 84,
+                    MINI_RES12_MEAN, MINI_RES12_STD, False, "FEAT's ResNet-12 checkpoint"),
+    "rfs": _Format("resnet12", {"drop_rate": 0.1, "dropblock_size": 5}, "model", 84,
+                   MINI_RES12_MEAN, MINI_RES12_STD, False, "RFS's ResNet-12 checkpoint"),
+}
+
+
+@dataclass
+class ImportReport:
+    """What happened to every tensor: ``mapped`` (source, target), ``ignored`` and
+    ``filled`` (key, reason)."""
+
+    mapped: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+    filled: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class ImportResult:
+    info: ModelInfo
+    backbone: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor]
+    report: ImportReport
+
+
+def _fmt(fmt: str) -> _Format:
+    if fmt not in IMPORT_FORMATS:
+        raise ConfigError(f"unknown import format '{fmt}'; choose one of "
+                          f"{', '.join(sorted(IMPORT_FORMATS))}")
+    return IMPORT_FORMATS[fmt]
+
+
+def read_torch_file(path: str | Path) -> object:
+    """``torch.load`` with ``weights_only`` (no arbitrary code from downloaded files);
+    RFS stores its argparse options beside the weights, so ``Namespace`` is allowed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    try:
+        if allow is None:
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+        with allow([argparse.Namespace]):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise CheckpointError(
+                f"{path} holds a pickled {found.group(1)}, not only tensors, and is not "
+                "unpickled for safety; "
+                "re-save just its state dict with torch.save"
+            ) from None
+        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint "
+                              f"({_brief(exc)}); download it again") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint "
+                              f"({_brief(exc)}); download it again") from None
+
+
+def _brief(exc: BaseException) -> str:
+    """First sentence of an exception, one line, for a user-facing message."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+    first = text[0].split(". ")[0][:100] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _source_state(obj: object, spec: _Format, fmt: str, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside the source's container, checked to be tensors."""
+    if not isinstance(obj, dict) or spec.container not in obj:
+        found = sorted(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path} is not a '{fmt}' checkpoint: expected a dict with a "
+                              f"'{spec.container}' entry, found {found}")
+    state = obj[spec.container]
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path}: '{spec.container}' is not a non-empty state dict")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry '{key}' is {type(value).__name__}, "
+                                  "not a tensor")
+    return dict(state)
+
+
+def _strip(key: str, prefixes: tuple[str, ...]) -> str:
+    """Drop any leading ``module.`` (DataParallel) and the given prefixes."""
+    changed = True
+    while changed:
+        changed = False
+        for p in ("module.", *prefixes):
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def _fill_tensor(
+    source: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    rename: Callable[[str], str | None],
+    fillable: Callable[[str], str | None],
+    backbone: str,
+    report: ImportReport,
+) -> dict[str, torch.Tensor]:
+    """Map ``source`` onto ``target``'s keys and shapes, strictly.
+
+    ``rename(key)`` gives the target key, or None after recording the key as ignored;
+    ``fillable(target_key)`` gives the reason a missing target tensor may be synthesised
+    as its no-op value (zeros), or None when it must come from the source.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in source.items():
+        tkey = rename(key)
+        if tkey is None:
+            continue
+        if tkey not in target:
+            raise CheckpointError(f"source tensor '{key}' has no place in {backbone} "
+                                  "(another architecture or format?)")
+        if tkey in out:
+            raise CheckpointError(f"source tensor '{key}' maps onto '{tkey}' a second time")
+        want = target[tkey]
+        if tuple(value.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"source tensor '{key}' has shape {tuple(value.shape)}, {backbone} needs "
+                f"{tuple(want.shape)} (trained with other widths?)"
+            )
+        out[tkey] = value.detach().to(dtype=want.dtype).clone()
+        report.mapped.append((key, tkey))
+    for tkey, want in target.items():
+        if tkey in out:
+            continue
+        reason = fillable(tkey)
+        if reason is None:
+            raise CheckpointError(f"{backbone} tensor '{tkey}' is missing from the source "
+                                  "checkpoint (truncated state dict or another format?)")
+        out[tkey] = torch.zeros_like(want)
+        report.filled.append((tkey, reason))
+    return out
+
+
+def _fill_num_batches(tkey: str) -> str | None:
+    if tkey.endswith("num_batches_tracked"):
+        return "BN batch counter absent (PyTorch < 0.4.1 checkpoint); unused at eval"
+    return None
+
+
+def convert(fmt: str, path: str | Path) -> ImportResult:
+    """Read a published checkpoint and map it onto our backbone (nothing written)."""
+    spec = _fmt(fmt)
+    path = Path(path)
+    source = _source_state(read_torch_file(path), spec, fmt, path)
+    report = ImportReport()
+    model = create_backbone(spec.backbone, in_channels=3, **spec.backbone_args)
+    if spec.meta:
+        enable_ss(model, granularity="kernel", scope="all")
+    target = {k: v for k, v in model.state_dict().items()}
+    head: dict[str, torch.Tensor] = {}
+
+    if fmt in ("authors-pretrain", "authors-meta"):
+        head_src: dict[str, torch.Tensor] = {}
+
+        def rename(key: str) -> str | None:
+            bare = _strip(key, ("encoder.",))
+            if bare.startswith("pre_fc."):
+                report.ignored.append((key, "pre-training classifier theta_pre (unused "
+                                            "after pre-training)"))
+                return None
+            if bare.startswith("base_learner."):
+                if fmt == "authors-pretrain":
+                    report.ignored.append((key, "base learner of the pre-training model "
+                                                "(never meta-trained)"))
+                else:
+                    head_src[bare[len("base_learner."):]] = source[key]
+                return None
+            if bare.endswith((".mtl_weight", ".mtl_bias")) and fmt == "authors-pretrain":
+                raise CheckpointError(f"source tensor '{key}' is an SS parameter: this is a "
+                                      "meta-trained checkpoint, import it as 'authors-meta'")
+            return bare.replace(".mtl_weight", ".ss_scale").replace(".mtl_bias", ".ss_shift")
+
+        def fillable(tkey: str) -> str | None:
+            if tkey.endswith(".ss_shift"):
+                conv = tkey[: -len(".ss_shift")]
+                if f"{conv}.bias" not in target:
+                    return "shift of a bias-free conv (the authors' conv has no mtl_bias)"
+            return _fill_num_batches(tkey)
+
+        if fmt == "authors-meta" and not any(k.endswith(".mtl_weight") for k in source):
+            raise CheckpointError(f"{path} has no SS parameters (no '*.mtl_weight' keys): a "
+                                  "pre-trained checkpoint? import it as 'authors-pretrain'")
+        backbone_state = _fill_tensor(source, target, rename, fillable, spec.backbone, report)
+        if fmt == "authors-meta":
+            head = _authors_head(head_src, model.out_dim, report)
+    else:
+        encoder_prefix = "encoder."
+        has_encoder = any(_strip(k, ()).startswith(encoder_prefix) for k in source)
+
+        def rename(key: str) -> str | None:
+            bare = _strip(key, ())
+            if fmt == "feat" and has_encoder:
+                if not bare.startswith(encoder_prefix):
+                    report.ignored.append((key, "FEAT module outside the encoder "
+                                                "(classifier or set-to-set head)"))
+                    return None
+                bare = _strip(bare[len(encoder_prefix):], ())  # encoder wrapped in DataParallel
+            if fmt == "rfs" and bare.startswith("classifier."):
+                report.ignored.append((key, "RFS pre-training classifier"))
+                return None
+            return bare
+
+        backbone_state = _fill_tensor(source, target, rename, _fill_num_batches,
+                                      spec.backbone, report)
+
+    # final guard: the mapped state loads into the model exactly
+    model.load_state_dict(backbone_state, strict=True)
+    ways = int(head["weight"].shape[0]) if head else 0
+    info = ModelInfo(
+        backbone=spec.backbone,
+        backbone_args=dict(spec.backbone_args),
+        in_channels=3,
+        image_size=spec.image_size,
+        mean=list(spec.mean),
+        std=list(spec.std),
+        phase="meta" if spec.meta else "imported",
+        ways=ways,
+        inner_steps=100,
+        inner_lr=0.01,
+        source=str(path),
+        extra={"import_format": fmt},
+    )
+    return ImportResult(info, backbone_state, head, report)
+
+
+def _authors_head(
+    head_src: dict[str, torch.Tensor], dim: int, report: ImportReport
+) -> dict[str, torch.Tensor]:
+    """theta_0 from the authors' BaseLearner: ``fc1_w`` (ways, 640) and ``fc1_b`` (ways,),
+    used as ``F.linear(x, fc1_w, fc1_b)``, i.e. already our ``head.weight``/``head.bias``.
+    The same tensors also appear as ``vars.0``/``vars.1`` (one Parameter, two names)."""
+    names = {"weight": ("fc1_w", "vars.0"), "bias": ("fc1_b", "vars.1")}
+    head: dict[str, torch.Tensor] = {}
+    for ours, (main, alias) in names.items():
+        present = [n for n in (main, alias) if n in head_src]
+        if not present:
+            raise CheckpointError(f"source tensor 'base_learner.{main}' (theta_0) is missing; "
+                                  "is this an 'authors-meta' checkpoint?")
+        value = head_src[present[0]]
+        for other in present[1:]:
+            if not torch.equal(head_src[other], value):
+                raise CheckpointError(f"source tensors 'base_learner.{main}' and "
+                                      f"'base_learner.{other}' differ; expected one Parameter")
+            report.ignored.append((f"base_learner.{other}",
+                                   f"alias of base_learner.{present[0]}"))
+        head[ours] = value.detach().float().clone()
+        report.mapped.append((f"base_learner.{present[0]}", f"head.{ours}"))
+    for extra in sorted(set(head_src) - {n for pair in names.values() for n in pair}):
+        raise CheckpointError(f"source tensor 'base_learner.{extra}' is not part of the "
+                              "authors' linear base learner")
+    w, b = head["weight"], head["bias"]
+    if w.dim() != 2 or w.shape[1] != dim:
+        raise CheckpointError(f"source tensor 'base_learner.fc1_w' has shape "
+                              f"{tuple(w.shape)}, expected (ways, {dim})")
+    if tuple(b.shape) != (w.shape[0],):
+        raise CheckpointError(f"source tensor 'base_learner.fc1_b' has shape "
+                              f"{tuple(b.shape)}, expected ({w.shape[0]},)")
+    return head
+
+
+def import_checkpoint(fmt: str, path: str | Path, out: str | Path) -> ModelInfo:
+    """Convert ``path`` (format ``fmt``) into a metatransfer checkpoint at ``out``."""
+    result = convert(fmt, path)
+    save_model(out, result.info, result.backbone, result.head or None)
+    return result.info
+
+
+def summarize(fmt: str, result: ImportResult, out: str | Path) -> str:
+    """Human-readable account of the import (mapped, filled, ignored tensors)."""
+    info, rep = result.info, result.report
+    renamed = [(s, t) for s, t in rep.mapped if s != t]
+    lines = [
+        f"imported {fmt} ({IMPORT_FORMATS[fmt].description}) from {info.source}",
+        f"  -> {out}: backbone {info.backbone}, {info.image_size}x{info.image_size} input, "
+        f"phase {info.phase}" + (f", theta_0 for {info.ways} ways" if info.ways else ""),
+        f"  mapped {len(rep.mapped)} tensors ({len(rep.mapped) - len(renamed)} by name, "
+        f"{len(renamed)} renamed)",
+    ]
+    rules = sorted({_rule(s, t) for s, t in renamed})
+    lines += [f"    {r}" for r in rules]
+    if rep.filled:
+        by_reason: dict[str, int] = {}
+        for _, reason in rep.filled:
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+        lines.append(f"  filled {len(rep.filled)} tensors with zeros (exact no-ops):")
+        lines += [f"    {n} x {reason}" for reason, n in by_reason.items()]
+    if rep.ignored:
+        lines.append(f"  ignored {len(rep.ignored)} source tensors:")
+        lines += [f"    {key}: {reason}" for key, reason in rep.ignored]
+    lines.append(f"  normalisation mean {_fmt_floats(info.mean)}, std {_fmt_floats(info.std)}")
+    return "\n".join(lines)
+
+
+def _rule(source: str, target: str) -> str:
+    """Collapse one rename into a rule, e.g. ``encoder.<key> -> <key>`` or
+    ``encoder.<conv>.mtl_weight -> <conv>.ss_scale``."""
+    if source.startswith("base_learner."):
+        return f"{source} -> {target}"
+    if source.endswith(target):
+        return f"{source[: -len(target)]}<key> -> <key>"
+    stem = target.rsplit(".", 1)[0]
+    if stem and stem in source:
+        before, after = source.split(stem, 1)
+        return f"{before}<conv>{after} -> <conv>{target[len(stem):]}"
+    return f"{source} -> {target}"
+
+
+def _fmt_floats(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
+
+
+def main_import(fmt: str, path: str | Path, out: str | Path) -> str:
+    """CLI entry (``mtl import FORMAT PATH --out CHECKPOINT``): import, return a summary."""
+    result = convert(fmt, path)
+    save_model(out, result.info, result.backbone, result.head or None)
+    return summarize(fmt, result, out)
