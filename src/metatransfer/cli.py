@@ -59,31 +59,61 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def start(cfg: RunConfig):
-    """Seed, pick the device, open the run directory and record the config."""
+    """Join torchrun's process group if launched by it, seed, pick the device, open the
+    run directory (written by rank 0 only) and record the config."""
     import torch
 
-    from .runs import RunDir, resolve_device, seed_everything
+    from . import distributed
+    from .runs import RunDir, seed_everything
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    device = distributed.init_from_env(cfg.device)
+    rank, world = distributed.rank(), distributed.world_size()
+    if world > 1:
+        _quiet_other_ranks(rank)
+        cfg.out = distributed.broadcast_object(cfg.out)  # rank 0's time-stamped default
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    run = RunDir(cfg.out)
+    run = RunDir(cfg.out, is_main=rank == 0)
     _current_run.append(str(run.path))
-    run.write_config(cfg, device)
-    log.info("run directory %s, device %s", run.path, device)
+    run.write_config(cfg, device, world_size=world)
+    log.info("run directory %s, device %s%s", run.path, device,
+             f", {world} processes (torchrun)" if world > 1 else "")
     return run, device
+
+
+def _quiet_other_ranks(rank: int) -> None:
+    """Only rank 0 logs progress; the others log warnings and errors, tagged with their rank."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter(
+            f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    if rank != 0:
+        logging.getLogger("metatransfer").setLevel(max(log.getEffectiveLevel(), logging.WARNING))
+
+
+def say(text: str) -> None:
+    """Print to stdout from rank 0 only."""
+    from .distributed import is_main
+
+    if is_main():
+        print(text)
 
 
 # ----------------------------------------------------------------------------- commands
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from . import distributed
     from .phases.meta_test import meta_test, results_table
     from .phases.meta_train import meta_train
     from .phases.pretrain import pretrain
+    from .runs import preflight
 
     cfg = resolve_run_config(args)
+    distributed.init_from_env(cfg.device)  # under torchrun: one process per node decodes
+    with distributed.local_main_first():
+        preflight(cfg)  # bad ways/shots fail now, not after hours of pre-training
     run, device = start(cfg)
     started = time.perf_counter()
     show = not args.quiet
@@ -91,8 +121,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     meta = meta_train(cfg, run, device, pretrained, show)
     results = meta_test(cfg, run, device, meta, pretrained, show)
     results["run_seconds"] = round(time.perf_counter() - started, 1)
-    print(results_table(results))
-    print(f"\nresults in {run.path / 'results.md'} ({results['run_seconds']:.0f} s)")
+    say(results_table(results))
+    say(f"\nresults in {run.path / 'results.md'} ({results['run_seconds']:.0f} s)")
     run.close()
 
 
@@ -102,7 +132,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     cfg = resolve_run_config(args)
     run, device = start(cfg)
     path = pretrain(cfg, run, device, not args.quiet)
-    print(f"pre-trained model: {path}")
+    say(f"pre-trained model: {path}")
     run.close()
 
 
@@ -119,7 +149,7 @@ def cmd_meta_train(args: argparse.Namespace) -> None:
 
     run, device = start(cfg)
     path = meta_train(cfg, run, device, resolve_checkpoint(pretrained), not args.quiet)
-    print(f"meta-trained model: {path}")
+    say(f"meta-trained model: {path}")
     run.close()
 
 
@@ -154,8 +184,8 @@ def cmd_meta_test(args: argparse.Namespace) -> None:
         cfg.out = str(source)
     run, device = start(cfg)
     results = meta_test(cfg, run, device, meta_path, pretrained_path, not args.quiet)
-    print(results_table(results))
-    print(f"\nresults in {run.path / 'results.md'}")
+    say(results_table(results))
+    say(f"\nresults in {run.path / 'results.md'}")
     run.close()
 
 
@@ -262,12 +292,29 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     signal.signal(signal.SIGTERM, _terminate)
+    from . import distributed
+
     try:
         args.func(args)
     except MTLError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_rank_tag()}{exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         hint = f"; continue with --resume {_current_run[-1]}" if _current_run else ""
-        print(f"interrupted{hint}", file=sys.stderr)
+        print(f"{_rank_tag()}interrupted{hint}", file=sys.stderr)
         sys.exit(130)
+    except RuntimeError as exc:
+        if not distributed.is_peer_failure(exc):
+            raise
+        # another rank died and printed its own error; this one just stops
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"error: {_rank_tag()}stopped because another process failed ({first})",
+              file=sys.stderr)
+        sys.exit(3)
+    distributed.shutdown()
+
+
+def _rank_tag() -> str:
+    from . import distributed
+
+    return f"[rank {distributed.rank()}] " if distributed.is_distributed() else ""

@@ -116,6 +116,30 @@ def evaluate(
     return torch.cat(correct).cpu().numpy()
 
 
+def evaluate_all_ranks(
+    method: str,
+    embedder: Embedder,
+    split: ImageSplit,
+    sampler: EpisodeSampler,
+    count: int,
+    steps: int,
+    lr: float,
+    head: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **kwargs,
+) -> np.ndarray:
+    """``(count,)`` per-episode accuracies of episodes ``0 .. count-1``, data parallel.
+
+    Under torchrun each rank evaluates its share (:func:`episode_ids`) and the shares are
+    gathered, so every rank gets exactly the array one process would compute; alone, this
+    is :func:`evaluate`. Every rank must call it (it is a collective).
+    """
+    from . import distributed
+
+    ids = episode_ids(count, distributed.rank(), distributed.world_size())
+    acc = evaluate(method, embedder, split, sampler, ids, steps, lr, head, **kwargs)
+    return distributed.gather_by_index(ids, acc, count)
+
+
 def _embed_needed(embedder: Embedder, split: ImageSplit, batch, cache: dict | None,
                   progress: bool):
     """Embed the images ``batch`` uses (once each); return features and an index map."""

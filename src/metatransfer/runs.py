@@ -8,14 +8,20 @@ Layout of a run directory::
     tb/                    TensorBoard events
     pretrain_best.safetensors, meta_best.safetensors   model checkpoints (portable)
     state/<phase>.pt       training state for resume (+ <phase>.prev.pt, the one before)
-    results.json, results.md
+    results.json, results.md   results (deterministic: byte-identical for a seed on CPU)
+    timing.json            wall-clock figures, kept out of results.json
 
-Training state is written atomically (temp file, fsync, rename) with a SHA-256 of its
-bytes beside it; a truncated or corrupt state falls back to the previous good one.
+Training state is one self-checking file (magic, SHA-256 of the payload, payload), written
+completely to a temp file and fsynced before the previous state is rotated to
+``<phase>.prev.pt`` and the new one renamed into place: a kill at any instant leaves at
+least one complete state, and a truncated or corrupt one falls back to the previous good
+one with a warning. Phases save at step boundaries only (SIGINT/SIGTERM are deferred to the
+end of the current step), so a resumed run is bit-identical to an uninterrupted one on CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -23,7 +29,10 @@ import logging
 import os
 import platform
 import random
+import signal
 import subprocess
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,9 +41,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoints import atomic_write
 from .config import RunConfig, save_config
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, MTLError
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +64,208 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def seed_phase(seed: int, phase: str) -> None:
+    """Seed the global RNGs for the fresh start of ``phase`` from ``(seed, phase)`` only.
+
+    A phase then draws the same random numbers whether the phases before it ran in this
+    process or finished in an earlier (interrupted) one. Under torchrun each rank gets
+    its own stream.
+    """
+    from . import distributed  # each process keeps its own stream (as cli.start seeds)
+
+    rank = distributed.rank()
+    digest = hashlib.sha256(f"{seed}:{phase}:{rank}".encode()).digest()
+    seed_everything(int.from_bytes(digest[:8], "little") % 2**63)
+
+
 def rng_state() -> dict:
+    """Python, numpy, torch and CUDA RNG states, as types ``torch.load(weights_only=True)``
+    accepts (the numpy key array is stored as a tensor)."""
+    np_state = np.random.get_state(legacy=False)
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    npst = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": npst["key"].numpy().astype(np.uint32),
+                                   "pos": npst["pos"]},
+                         "has_gauss": npst["has_gauss"], "gauss": npst["gauss"]})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- interrupts
+
+
+class StopRequest:
+    """SIGINT/SIGTERM during a phase's training loop, honoured at the next step boundary.
+
+    Saving in the middle of ``optimizer.step()`` (or after the next batch's augmentation
+    drew random numbers) would record a state no uninterrupted run passes through, so the
+    first signal only sets :attr:`requested`; the loop saves after the current step and
+    raises ``KeyboardInterrupt``. A second signal raises at once (the last checkpoint
+    stands). Outside the armed loop, and off the main thread, signals act as before.
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def arm(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: saving at the end of this step (send it again to stop "
+                    "without saving)", self.requested)
+
+    def disarm(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+_STOPS: list[StopRequest] = []
+
+
+def interruptible(phase_fn):
+    """Decorator for a phase: gives it a :class:`StopRequest` (see :func:`stop_request`)
+    and restores the signal handlers however the phase ends."""
+
+    @functools.wraps(phase_fn)
+    def wrapper(*args, **kwargs):
+        _STOPS.append(StopRequest())
+        try:
+            return phase_fn(*args, **kwargs)
+        finally:
+            _STOPS.pop().disarm()
+
+    return wrapper
+
+
+def stop_request() -> StopRequest:
+    """The armed :class:`StopRequest` of the running phase (inert outside one)."""
+    return (_STOPS[-1] if _STOPS else StopRequest()).arm()
+
+
+class CheckpointSchedule:
+    """When to save mid-phase: every ``every_steps`` steps and/or every ``minutes``."""
+
+    def __init__(self, every_steps: int, minutes: float) -> None:
+        self.every_steps, self.seconds = every_steps, minutes * 60
+        self.last = time.monotonic()
+
+    def due(self, global_step: int) -> bool:
+        if self.every_steps > 0 and global_step % self.every_steps == 0:
+            return True
+        return self.seconds > 0 and time.monotonic() - self.last > self.seconds
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+# ----------------------------------------------------------------------------- NaN/Inf
+
+
+class FiniteGuard:
+    """Non-finite losses (or gradient norms): ``stop`` the phase or ``skip`` the batch.
+
+    ``stop`` keeps a flag on the device (the first bad step, via ``torch.where``) and reads
+    it only at :meth:`check`, called before every checkpoint and at epoch end, so there is
+    no extra host sync per step and nothing non-finite is ever saved. ``skip`` must know
+    *before* ``optimizer.step()`` (momentum and Adam would move the parameters even on a
+    zeroed gradient), so it pays one host sync per step, only when chosen.
+    """
+
+    def __init__(self, policy: str, phase: str, device: torch.device, hint: str) -> None:
+        self.policy, self.phase, self.hint = policy, phase, hint
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.skipped = 0  # batches skipped in this process's current epoch
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def protect(self, *modules: torch.nn.Module) -> None:
+        """Under ``skip``, call before the forward pass: a skipped batch then also leaves
+        the buffers it updated (BatchNorm running statistics) as they were."""
+        if self.policy == "skip":
+            self._buffers = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+
+    def allow(self, loss: torch.Tensor, step: int, grad_norm: torch.Tensor | None = None) -> bool:
+        """Whether to apply this step's update (``step``: 1-based global step)."""
+        bad = ~torch.isfinite(loss.detach())
+        if grad_norm is not None:
+            bad = bad | ~torch.isfinite(grad_norm.detach())
+        if self.policy == "skip":
+            from . import distributed  # every rank must skip the same steps
+
+            if distributed.all_reduce_sum(bad.int()) > 0:
+                with torch.no_grad():
+                    for buffer, saved in self._buffers:
+                        buffer.copy_(saved)
+                self.skipped += 1
+                log.warning("%s: non-finite loss at step %d, batch skipped", self.phase, step)
+                return False
+            return True
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        return True
+
+    def check(self) -> None:
+        """Raise (naming the first bad step) if a non-finite loss was seen; a host sync."""
+        first = int(self.first_bad)
+        if first >= 0:
+            raise MTLError(f"{self.phase}: the loss became NaN/Inf at step {first}; {self.hint} "
+                           f"(the last good checkpoint in state/ is kept; continue with "
+                           f"--resume and changed settings, or set nan_policy=skip)")
+
+
+def needs_grad_norm(policy: str, clip: float) -> bool:
+    return policy == "skip" or clip > 0
+
+
+def clip_and_norm(params, clip: float) -> torch.Tensor:
+    """Total gradient norm (a device tensor), clipping to ``clip`` when it is positive."""
+    params = [p for p in params if p.grad is not None]
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+# ----------------------------------------------------------------------------- preflight
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Check every episode shape of a full run against the data before any training, so a
+    bad ``ways``/``shots``/``queries`` fails in seconds, not after pre-training."""
+    from .data import load_split
+
+    dc, pc, mc, ec = cfg.data, cfg.pretrain, cfg.meta, cfg.eval
+    val = load_split(dc, dc.val_split)
+    val.require(pc.val_ways, pc.val_shots + pc.val_queries, "pre-training validation episodes")
+    val.require(mc.ways, mc.shots + mc.queries, "meta-training validation episodes")
+    load_split(dc, dc.train_split).require(mc.ways, mc.shots + mc.queries,
+                                           "meta-training episodes")
+    split = {"train": dc.train_split, "val": dc.val_split, "test": dc.test_split}
+    test = load_split(dc, split.get(ec.split, ec.split))
+    for ways in ec.ways:
+        for shots in ec.shots:
+            test.require(ways, shots + ec.queries, f"{ways}-way {shots}-shot test episodes")
 
 
 def git_commit() -> str | None:
@@ -82,6 +275,39 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+_STATE_MAGIC = b"MTLSTATE\x01\n"
+_DIGEST = 32
+
+
+def _read_state(path: Path) -> dict:
+    """Load a state file written by :meth:`RunDir.save_state`, verifying its checksum."""
+    data = path.read_bytes()
+    head = len(_STATE_MAGIC) + _DIGEST
+    if len(data) < head or not data.startswith(_STATE_MAGIC):
+        raise CheckpointError(f"{path} is truncated or not a training state ({len(data)} bytes)")
+    payload = data[head:]
+    if hashlib.sha256(payload).digest() != data[len(_STATE_MAGIC):head]:
+        raise CheckpointError(f"{path} fails its checksum (truncated or corrupt)")
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a checksummed file that still won't load: other version
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"{path} cannot be loaded ({reason})") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class RunDir:
@@ -103,6 +329,8 @@ class RunDir:
         env = {
             "metatransfer": __version__,
             "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "numpy": np.__version__,
             "python": platform.python_version(),
             "platform": platform.platform(),
             "device": str(device),
@@ -110,6 +338,7 @@ class RunDir:
             else platform.processor() or platform.machine(),
             "world_size": world_size,
             "git_commit": git_commit(),
+            "torch_threads": torch.get_num_threads(),
         }
         (self.path / "environment.json").write_text(json.dumps(env, indent=2))
 
@@ -147,51 +376,63 @@ class RunDir:
     def state_path(self, phase: str) -> Path:
         return self.path / "state" / f"{phase}.pt"
 
+    def prev_path(self, phase: str) -> Path:
+        return self.path / "state" / f"{phase}.prev.pt"
+
     def save_state(self, phase: str, state: dict) -> None:
-        """Atomically write the resume state; the previous one is kept as a fallback."""
+        """Write the resume state; the one before is kept as ``<phase>.prev.pt``.
+
+        Order matters: the new file is complete and fsynced before anything is renamed,
+        then current -> prev and temp -> current (each rename atomic). Killed at any
+        instant, the folder holds a complete current or prev state.
+        """
         if not self.is_main:
             return
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        data = buffer.getvalue()
-        digest = hashlib.sha256(data).hexdigest()
-        path = self.state_path(phase)
-        if path.is_file():
-            os.replace(path, path.with_suffix(".prev.pt"))
-            sha = path.with_suffix(".sha256")
-            if sha.is_file():
-                os.replace(sha, path.with_suffix(".prev.sha256"))
-
-        def write(tmp: str) -> None:
-            Path(tmp).write_bytes(data)
-
-        atomic_write(path, write)
-        atomic_write(path.with_suffix(".sha256"), lambda tmp: Path(tmp).write_text(digest))
+        payload = buffer.getvalue()
+        path, prev = self.state_path(phase), self.prev_path(phase)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(_STATE_MAGIC + hashlib.sha256(payload).digest() + payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if path.is_file():
+                os.replace(path, prev)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def load_state(self, phase: str) -> dict | None:
-        """The latest good resume state of ``phase``, or None when there is none."""
-        path = self.state_path(phase)
-        candidates = [(path, path.with_suffix(".sha256")),
-                      (path.with_suffix(".prev.pt"), path.with_suffix(".prev.sha256"))]
+        """The latest good resume state of ``phase``, or None when there is none.
+
+        A damaged latest state (truncated, checksum mismatch, unreadable) falls back to the
+        previous one with a warning; with neither usable, a :class:`CheckpointError`.
+        """
+        path, prev = self.state_path(phase), self.prev_path(phase)
+        if self.is_main:  # temp files of a save that was killed half-way
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
         problems = []
-        for state_file, sha_file in candidates:
+        if not path.is_file() and prev.is_file():
+            problems.append(f"{path} is missing (interrupted while saving?)")
+        for state_file in (path, prev):
             if not state_file.is_file():
                 continue
-            data = state_file.read_bytes()
-            if sha_file.is_file() and hashlib.sha256(data).hexdigest() != sha_file.read_text():
-                problems.append(f"{state_file} fails its checksum")
-                continue
             try:
-                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-            except Exception as exc:  # any unreadable pickle is a corrupt checkpoint
-                problems.append(f"{state_file} is unreadable ({type(exc).__name__})")
+                state = _read_state(state_file)
+            except CheckpointError as exc:
+                problems.append(str(exc))
                 continue
             for problem in problems:
                 log.warning("%s; resuming from the previous checkpoint %s", problem, state_file)
             return state
         if problems:
             raise CheckpointError(f"no usable checkpoint for {phase}: {'; '.join(problems)}; "
-                                  "delete the state folder to start the phase over")
+                                  f"delete {path.parent} to start the phase over")
         return None
 
     def phase_done(self, phase: str) -> bool:

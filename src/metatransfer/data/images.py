@@ -140,6 +140,11 @@ def fingerprint(paths: Sequence[Path], missing: Callable[[Path], str]) -> str:
         return files_fingerprint(list(paths))
     except FileNotFoundError as exc:
         raise DataError(missing(Path(exc.filename))) from None
+    except OSError as exc:  # e.g. a symlink loop, no permission
+        raise DataError(f"{exc.filename} cannot be read ({exc.strerror}); fix or remove it") \
+            from None
+    except ValueError as exc:  # e.g. a NUL byte in a name listed by a CSV
+        raise DataError(f"a listed file name is invalid ({exc}); fix the list") from None
 
 
 def load_image_files(
@@ -176,7 +181,8 @@ def load_image_files(
         dataset=dataset, split=split, files=fp, version=FORMAT_VERSION, size=size,
         channels=channels, invert=invert, variants=variants, variant_names=list(variant_names),
         labels=hashlib.sha256(labels.tobytes()).hexdigest()[:16],
-        classes=hashlib.sha256("\n".join(class_names).encode()).hexdigest()[:16],
+        classes=hashlib.sha256("\n".join(class_names).encode(errors="surrogateescape"))
+        .hexdigest()[:16],
     )
     shape = (len(paths) * variants, size, size, channels)
 

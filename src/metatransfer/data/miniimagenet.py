@@ -47,13 +47,19 @@ def read_split_csv(path: Path) -> tuple[list[str], list[str], list[int]]:
         raise DataError(f"{path}: header is '{','.join(rows[0])}' but 'filename,label' is "
                         f"expected; fix the first line")
     files, labels, lines = [], [], []
+    first_line: dict[str, int] = {}
     for number, row in enumerate(rows[1:], 2):
         if not row or not "".join(row).strip():
             continue
         if len(row) != 2 or not row[0].strip() or not row[1].strip():
             raise DataError(f"{path} line {number}: expected 'filename,label', got "
                             f"'{','.join(row)}'; fix that line")
-        files.append(row[0].strip())
+        name = row[0].strip()
+        if name in first_line:
+            raise DataError(f"{path} line {number} lists {name} again (first on line "
+                            f"{first_line[name]}); each image may appear once, remove one")
+        first_line[name] = number
+        files.append(name)
         labels.append(row[1].strip())
         lines.append(number)
     if not files:

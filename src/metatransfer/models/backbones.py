@@ -7,6 +7,7 @@ exposes ``stages()`` so SS can be limited to the last stage.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -36,7 +37,16 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
     """Build a registered backbone; unknown names list the valid ones."""
     if name not in _REGISTRY:
         raise ConfigError(f"unknown backbone '{name}'; choose one of {', '.join(backbone_names())}")
-    return _REGISTRY[name](**kwargs)
+    factory = _REGISTRY[name]
+    target = factory.__init__ if isinstance(factory, type) else factory
+    accepted = inspect.signature(target).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        unknown = [k for k in kwargs if k not in accepted]
+        if unknown:
+            valid = [k for k in accepted if k not in ("self", "in_channels")]
+            raise ConfigError(f"backbone '{name}' has no argument '{unknown[0]}' (from "
+                              f"model.backbone_args); valid: {', '.join(valid)}")
+    return factory(**kwargs)
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1, bias: bool = False) -> SSConv2d:

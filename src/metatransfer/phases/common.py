@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -14,7 +13,7 @@ from ..config import RunConfig
 from ..data.base import ImageSplit
 from ..data.episodes import EpisodeSampler
 from ..data.transforms import Normalizer
-from ..evaluation import Embedder, evaluate, mean_ci95
+from ..evaluation import Embedder, evaluate_all_ranks, mean_ci95
 from ..models import create_backbone
 
 
@@ -57,5 +56,5 @@ def validation_accuracy(method: str, embedder: Embedder, split: ImageSplit, ways
                         steps: int = 0, lr: float = 0.0, head=None) -> tuple[float, float]:
     """Mean and CI (percent) of ``method`` on seeded validation episodes."""
     sampler = EpisodeSampler(split.indices_by_class, ways, shots, queries, seed, split.name)
-    acc = evaluate(method, embedder, split, sampler, np.arange(episodes), steps, lr, head)
+    acc = evaluate_all_ranks(method, embedder, split, sampler, episodes, steps, lr, head)
     return mean_ci95(acc)

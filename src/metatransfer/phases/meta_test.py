@@ -17,16 +17,16 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from ..checkpoints import ModelInfo, build_backbone, load_model
 from ..config import RunConfig
 from ..data import load_split
 from ..data.episodes import EpisodeSampler
 from ..errors import ConfigError, MTLError
-from ..evaluation import evaluate, mean_ci95
+from ..evaluation import evaluate_all_ranks, mean_ci95
 from ..learners import METHODS
 from ..runs import RunDir
 from .common import channels_last, make_embedder
@@ -75,7 +75,8 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
     unknown = [m for m in ec.methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method '{unknown[0]}'; choose from {', '.join(METHODS)}")
-    split = load_split(cfg.data, split_name(cfg))
+    with distributed.local_main_first():
+        split = load_split(cfg.data, split_name(cfg))
     models = load_models(meta_path, pretrained_path, ec.methods)
     embedders, caches = {}, {}
     for method, (info, backbone, _) in models.items():
@@ -98,10 +99,12 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
                 info, backbone, head = models[method]
                 if head is not None:
                     head = (head[0].to(device), head[1].to(device))
-                acc = evaluate(method, embedders[id(backbone)], split, sampler,
-                               np.arange(ec.episodes), ec.inner_steps, ec.inner_lr, head,
-                               episode_batch=ec.episode_batch, cache=caches[id(backbone)],
-                               progress=show and run.is_main)
+                # each process runs its share of the episodes; all of them are gathered
+                acc = evaluate_all_ranks(method, embedders[id(backbone)], split, sampler,
+                                         ec.episodes, ec.inner_steps, ec.inner_lr, head,
+                                         episode_batch=ec.episode_batch,
+                                         cache=caches[id(backbone)],
+                                         progress=show and run.is_main)
                 mean, ci = mean_ci95(acc)
                 rows.append({"method": method, "ways": ways, "shots": shots,
                              "queries": ec.queries, "episodes": int(len(acc)),
@@ -116,12 +119,23 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
         "inner_steps": ec.inner_steps,
         "inner_lr": ec.inner_lr,
         "device": str(device),
+        "world_size": distributed.world_size(),
+        "training": training_sizes(cfg),
         "eval_seconds": round(time.perf_counter() - started, 2),
         "results": rows,
     }
     if run.is_main:
         write_results(run.path, results)
     return results
+
+
+def training_sizes(cfg: RunConfig) -> dict:
+    """The global batch sizes and learning rates of the run's training phases (they do not
+    depend on the number of processes: each process takes a share of every batch)."""
+    pc, mc = cfg.pretrain, cfg.meta
+    return {"pretrain_batch_size": pc.batch_size, "pretrain_lr": pc.lr,
+            "meta_batch": mc.meta_batch, "ht_tasks": mc.ht_tasks if mc.ht != "off" else 0,
+            "meta_lr_ss": mc.lr_ss, "meta_lr_head": mc.lr_head}
 
 
 def results_table(results: dict) -> str:
@@ -140,8 +154,16 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+TIMING_KEYS = ("eval_seconds", "run_seconds")
+
+
 def write_results(folder: Path, results: dict) -> None:
-    (folder / "results.json").write_text(json.dumps(results, indent=2))
+    """results.json holds only what the seed and config decide (byte-identical for a seed
+    on CPU, so runs can be diffed); wall-clock figures go to timing.json."""
+    timing = {k: results[k] for k in TIMING_KEYS if k in results}
+    kept = {k: v for k, v in results.items() if k not in TIMING_KEYS}
+    (folder / "results.json").write_text(json.dumps(kept, indent=2))
+    (folder / "timing.json").write_text(json.dumps(timing, indent=2))
     episodes = results["results"][0]["episodes"] if results["results"] else 0
     queries = results["results"][0]["queries"] if results["results"] else 0
     text = (f"# Results: {results['dataset']} ({results['split']} split), "

@@ -17,8 +17,6 @@ Algorithm (SPEC §1, Sun et al. Alg. 1 with HT):
 from __future__ import annotations
 
 import logging
-import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..checkpoints import build_backbone, load_model, save_model
 from ..config import RunConfig
 from ..data import load_split
@@ -35,9 +34,19 @@ from ..data.transforms import Normalizer, gather_uint8
 from ..errors import CheckpointError, MTLError
 from ..learners import adapt, linear_logits, normalize_features
 from ..models.ss import enable_ss
-from ..runs import RunDir, rng_state, set_rng_state
-from .common import autocast, channels_last, make_embedder, progress, use_amp
-from .common import validation_accuracy
+from ..runs import (
+    CheckpointSchedule,
+    FiniteGuard,
+    RunDir,
+    clip_and_norm,
+    interruptible,
+    needs_grad_norm,
+    rng_state,
+    seed_phase,
+    set_rng_state,
+    stop_request,
+)
+from .common import autocast, channels_last, make_embedder, progress, use_amp, validation_accuracy
 from .pretrain import model_info
 
 log = logging.getLogger(__name__)
@@ -96,6 +105,25 @@ def task_losses(
     return losses, logits.argmax(-1).detach()
 
 
+def task_share(
+    learner: MetaLearner,
+    split: ImageSplit,
+    batch: EpisodeBatch,
+    cfg: RunConfig,
+    normalizer: Normalizer,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum of the query losses of ``batch``'s tasks, its number of correct queries and the
+    predictions ``(T, n_query)``; an empty batch (more processes than tasks) gives zeros."""
+    if batch.tasks == 0:
+        zero = learner.weight0.sum() * 0.0  # part of the graph, so backward still runs
+        return zero, zero.detach(), torch.zeros((0, batch.query.shape[1]), dtype=torch.long,
+                                                device=device)
+    losses, pred = task_losses(learner, split, batch, cfg, normalizer, device)
+    labels = torch.as_tensor(batch.query_labels(), device=device)
+    return losses.sum(), (pred == labels).sum().float(), pred
+
+
 def meta_step(
     learner: MetaLearner,
     split: ImageSplit,
@@ -105,23 +133,33 @@ def meta_step(
     normalizer: Normalizer,
     device: torch.device,
 ) -> tuple[torch.Tensor, dict]:
-    """Loss of meta-batch number ``step`` (k normal + k' hard tasks), ready for backward."""
+    """Loss of meta-batch number ``step`` (k normal + k' hard tasks), ready for backward.
+
+    Data parallel (torchrun): every process draws the whole meta-batch (index sampling is
+    cheap) but embeds and adapts only its share of the tasks; the failure classes are
+    gathered, so every process builds the same hard tasks, which are shared out in turn.
+    The loss and the accuracies returned are this process's shares: summed over the
+    processes (the gradients by ``all_reduce_grads``) they are the mean over all tasks.
+    """
     mc = cfg.meta
+    use_ht = mc.ht != "off" and mc.ht_tasks > 0
+    total_tasks = mc.meta_batch + (mc.ht_tasks if use_ht else 0)
     batch = sampler.batch(step * mc.meta_batch, mc.meta_batch)
-    losses, pred = task_losses(learner, split, batch, cfg, normalizer, device)
-    query_labels = torch.as_tensor(batch.query_labels(), device=device)
-    stats = {"acc": (pred == query_labels).float().mean()}
-    if mc.ht != "off" and mc.ht_tasks > 0:
+    mine = distributed.shard(batch.tasks)
+    loss, correct, pred = task_share(learner, split, batch[mine], cfg, normalizer, device)
+    stats = {"acc": correct / batch.query.size}
+    if use_ht:
         pred_host = pred.cpu().numpy()  # the failure classes decide which images come next
         failures = failure_classes(pred_host, np.broadcast_to(batch.query_labels(),
                                                               pred_host.shape), batch.ways)
+        failures = distributed.gather_by_index(mine, failures, batch.tasks).astype(np.int64)
         rng = np.random.default_rng([cfg.seed, 7919, step])
         hard = hard_tasks(batch, failures, mc.ht_tasks, mc.ht, sampler, rng)
-        hard_losses, hard_pred = task_losses(learner, split, hard, cfg, normalizer, device)
-        hard_labels = torch.as_tensor(hard.query_labels(), device=device)
-        stats["hard_acc"] = (hard_pred == hard_labels).float().mean()
-        losses = torch.cat([losses, hard_losses])
-    return losses.mean(), stats
+        hard_loss, hard_correct, _ = task_share(learner, split, hard[distributed.shard(hard.tasks)],
+                                                cfg, normalizer, device)
+        stats["hard_acc"] = hard_correct / hard.query.size
+        loss = loss + hard_loss
+    return loss / total_tasks, stats
 
 
 def load_pretrained(path: Path) -> tuple:
@@ -131,17 +169,28 @@ def load_pretrained(path: Path) -> tuple:
     return info, build_backbone(info, state)
 
 
+@interruptible
 def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Path,
                show: bool = True) -> Path:
-    """Run (or resume) meta-transfer learning; returns the best meta checkpoint's path."""
+    """Run (or resume) meta-transfer learning; returns the best meta checkpoint's path.
+
+    Resumable at any step: meta-batch ``i`` is a pure function of (seed, i) and the state
+    holds every RNG, so a resumed run is bit-identical on CPU.
+    """
     mc = cfg.meta
     best_path = run.path / BEST
-    state = run.load_state("meta")
+    state = distributed.broadcast_object(run.load_state("meta") if run.is_main else None)
     if state and state.get("done"):
         log.info("meta-training already complete in %s", run.path)
         return best_path
-    train = load_split(cfg.data, cfg.data.train_split)
-    val = load_split(cfg.data, cfg.data.val_split)
+    with distributed.local_main_first():
+        train = load_split(cfg.data, cfg.data.train_split)
+        val = load_split(cfg.data, cfg.data.val_split)
+    sampler = EpisodeSampler(train.indices_by_class, mc.ways, mc.shots, mc.queries,
+                             seed=cfg.seed, name=train.name)
+    val.require(mc.ways, mc.shots + mc.queries, "validation episodes")
+    if not state:
+        seed_phase(cfg.seed, "meta")
     info, backbone = load_pretrained(pretrained)
     if info.in_channels != train.channels:
         raise MTLError(f"{pretrained} expects {info.in_channels}-channel images but "
@@ -156,18 +205,22 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
         {"params": [learner.weight0, learner.bias0], "lr": mc.lr_head},
     ])
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, max(mc.step_size, 1), mc.gamma)
-    sampler = EpisodeSampler(train.indices_by_class, mc.ways, mc.shots, mc.queries,
-                             seed=cfg.seed, name=train.name)
-    val.require(mc.ways, mc.shots + mc.queries, "validation episodes")
-    epoch, start_step, best_acc = 0, 0, -1.0
+    epoch, start_step, best_acc, totals = 0, 0, -1.0, None
     if state:
         learner.load_state_dict(state["learner"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         epoch, start_step, best_acc = state["epoch"], state["step"], state["best_acc"]
         set_rng_state(state["rng"])
+        # running sums are rank 0's own share (a logging detail on several ranks)
+        totals = state.get("totals") if start_step and run.is_main else None
         log.info("resuming meta-training at epoch %d, step %d", epoch, start_step)
 
+    world = distributed.world_size()
+    if world > 1:
+        log.info("meta-training on %d processes: meta-batch %d + %d hard tasks split across "
+                 "them, lr_ss %g, lr_head %g", world, mc.meta_batch,
+                 mc.ht_tasks if mc.ht != "off" else 0, mc.lr_ss, mc.lr_head)
     normalizer = Normalizer(train.mean, train.std, device)
     embedder = make_embedder(cfg, backbone, val, device, mc.feature_norm)
     bn_train = mc.bn_mode == "train"
@@ -177,44 +230,63 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
     meta_info.extra = {"bn_affine": cfg.model.ss_bn_affine, "ss_scope": cfg.model.ss_scope,
                        "ss_granularity": cfg.model.ss_granularity, "ht": mc.ht}
 
-    def save(step_in_epoch: int, ep: int, done: bool = False) -> None:
+    guard = FiniteGuard(cfg.nan_policy, "meta-training", device,
+                        "lower meta.lr_ss / meta.lr_head or set meta.grad_clip")
+    schedule = CheckpointSchedule(cfg.checkpoint_every_steps, cfg.checkpoint_minutes)
+    want_norm = needs_grad_norm(cfg.nan_policy, mc.grad_clip)
+    stop = stop_request()
+
+    def save(step_in_epoch: int, ep: int, done: bool = False, running: dict | None = None) -> None:
+        guard.check()  # never save a state that has seen a NaN/Inf loss
         run.save_state("meta", {
             "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "epoch": ep, "step": step_in_epoch,
-            "best_acc": best_acc, "rng": rng_state(), "done": done,
+            "best_acc": best_acc, "rng": rng_state(), "done": done, "totals": running or {},
         })
+        schedule.saved()
 
-    last_save = time.monotonic()
     while epoch < mc.epochs:
         learner.train(bn_train)
         loss_sum = torch.zeros((), device=device)
         acc_sum = torch.zeros((), device=device)
         hard_sum = torch.zeros((), device=device)
-        count = 0
+        count, guard.skipped = 0, 0
+        if totals:  # resumed mid-epoch: the epoch's running sums so far
+            loss_sum += totals["loss_sum"].to(device)
+            acc_sum += totals["acc_sum"].to(device)
+            hard_sum += totals["hard_sum"].to(device)
+            count, guard.skipped, totals = totals["count"], totals["skipped"], None
         bar = progress(range(start_step, mc.episodes_per_epoch), run.is_main and show,
                        desc=f"meta-train {epoch + 1}/{mc.epochs}", leave=False)
         for step in bar:
+            guard.protect(learner)
             loss, stats = meta_step(learner, train, sampler, epoch * mc.episodes_per_epoch + step,
                                     cfg, normalizer, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if mc.grad_clip > 0:
-                nn.utils.clip_grad_norm_(learner.parameters(), mc.grad_clip)
-            optimizer.step()
-            loss_sum += loss.detach()
-            acc_sum += stats["acc"]
-            if "hard_acc" in stats:
-                hard_sum += stats["hard_acc"]
-            count += 1
-            if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
-                save(step + 1, epoch)
-                last_save = time.monotonic()
+            distributed.all_reduce_grads(learner.parameters())  # sum of the shares
+            global_step = epoch * mc.episodes_per_epoch + step + 1
+            norm = clip_and_norm(learner.parameters(), mc.grad_clip) if want_norm else None
+            if guard.allow(loss, global_step, norm):
+                optimizer.step()
+                loss_sum += loss.detach()
+                acc_sum += stats["acc"]
+                if "hard_acc" in stats:
+                    hard_sum += stats["hard_acc"]
+                count += 1
+            if stop.requested or schedule.due(global_step):
+                save(step + 1, epoch, running={"loss_sum": loss_sum, "acc_sum": acc_sum,
+                                               "hard_sum": hard_sum, "count": count,
+                                               "skipped": guard.skipped})
+            if stop.requested:
+                raise KeyboardInterrupt
         start_step = 0
+        guard.check()
         scheduler.step()
-        train_loss = float(loss_sum) / max(count, 1)
-        if not math.isfinite(train_loss):
-            raise MTLError(f"meta-training loss became {train_loss} in epoch {epoch + 1}; "
-                           "lower meta.lr_ss / meta.lr_head (the last good checkpoint is kept)")
+        loss_total, acc_total, hard_total = distributed.sum_floats(loss_sum, acc_sum, hard_sum)
+        if bn_train:  # BN statistics saw only this process's tasks
+            distributed.average_buffers(backbone)
+        train_loss = loss_total / max(count, 1)
         val_acc, val_ci = validation_accuracy(
             "mtl", embedder, val, mc.ways, mc.shots, mc.queries, mc.val_episodes,
             seed=cfg.eval.seed, steps=mc.inner_steps, lr=mc.inner_lr,
@@ -225,14 +297,18 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
             best_acc = val_acc
             if run.is_main:
                 save_model(best_path, meta_info, backbone, learner.head())
-        extra = {"hard_acc": 100 * float(hard_sum) / max(count, 1)} if mc.ht != "off" else {}
-        run.log("meta", epoch, loss=train_loss, train_acc=100 * float(acc_sum) / max(count, 1),
+        extra = {"hard_acc": 100 * hard_total / max(count, 1)} if mc.ht != "off" else {}
+        if cfg.nan_policy == "skip":
+            extra["skipped_batches"] = guard.skipped
+        run.log("meta", epoch, loss=train_loss, train_acc=100 * acc_total / max(count, 1),
                 val_acc=val_acc, val_ci95=val_ci, **extra)
         log.info("meta-train epoch %d/%d: loss %.4f, val %d-way %d-shot %.2f%% ± %.2f%s",
                  epoch, mc.epochs, train_loss, mc.ways, mc.shots, val_acc, val_ci,
                  " (best)" if improved else "")
         save(0, epoch, done=epoch >= mc.epochs)
-        last_save = time.monotonic()
+        if stop.requested:
+            raise KeyboardInterrupt
     if not best_path.is_file() and run.is_main:
         save_model(best_path, meta_info, backbone, learner.head())
+    distributed.barrier()  # the other ranks read best_path next
     return best_path

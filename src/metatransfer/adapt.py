@@ -1,0 +1,479 @@
+"""Few-shot classification of the user's own images: the Python API and ``mtl adapt``.
+
+A :class:`FewShotClassifier` wraps a checkpoint and one evaluation method (``mtl``,
+``ft`` or ``protonet``, exactly as in meta-test): ``fit`` embeds a handful of labelled
+images per class and runs the base learner on them, ``predict`` classifies new images.
+Images go through the training preprocessing (decode, resize, normalise), and the
+embedding and base-learner code are the ones meta-test uses, so adapting on an
+episode's support images reproduces its meta-test accuracy.
+
+    clf = FewShotClassifier.from_checkpoint("runs/x")
+    clf.fit({"cat": ["c1.jpg", "c2.jpg"], "dog": [pil_image, uint8_array]})
+    clf.predict(["q.jpg"])          # -> ["cat"]
+    clf.predict_proba(["q.jpg"])    # -> (1, 2) probabilities, columns in clf.classes_
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from torch import nn
+
+from .checkpoints import METADATA_KEY, ModelInfo, load_model, resolve_checkpoint
+from .data.base import ImageSplit
+from .data.images import IMAGE_EXTENSIONS, CorruptImageError, is_image_file, read_image
+from .data.transforms import Normalizer
+from .errors import DataError, MTLError
+from .evaluation import Embedder
+from .learners import METHODS, episode_logits
+
+log = logging.getLogger(__name__)
+
+ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
+
+_KINDS = "/".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _from_pil(image: Image.Image, size: int, channels: int) -> np.ndarray:
+    """An already-decoded image as ``(size, size, channels)`` uint8.
+
+    The same conversion and Lanczos resize as :func:`metatransfer.data.images.read_image`
+    applies after decoding a file (a test checks the two agree).
+    """
+    if image.mode == "P":  # palette images go through RGBA, as in the dataset loaders
+        image = image.convert("RGBA")
+    image = image.convert("RGB" if channels == 3 else "L")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
+
+
+def _from_array(array: np.ndarray, size: int, channels: int, what: str) -> np.ndarray:
+    """``(h, w)`` or ``(h, w, c)`` uint8 with c in 1, 3, 4 -> ``(size, size, channels)``."""
+    if array.dtype != np.uint8:
+        raise DataError(f"{what}: arrays must be uint8 (h, w, c), got {array.dtype}; "
+                        "pass a uint8 array or a float tensor in [0, 1]")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise DataError(f"{what}: expected an image array of shape (h, w), (h, w, 1), "
+                        f"(h, w, 3) or (h, w, 4), got {tuple(array.shape)}")
+    have = 1 if array.ndim == 2 else array.shape[2]
+    if have == channels and array.shape[:2] == (size, size):
+        return np.ascontiguousarray(array.reshape(size, size, channels))
+    return _from_pil(Image.fromarray(array), size, channels)
+
+
+def _from_tensor(tensor: torch.Tensor, size: int, channels: int, what: str) -> np.ndarray:
+    """A ``(c, h, w)`` or ``(h, w)`` tensor, uint8 or float in [0, 1] (torchvision's layout)."""
+    t = tensor.detach().cpu()
+    if t.is_floating_point():
+        t = (t.clamp(0, 1) * 255).round().to(torch.uint8)
+    elif t.dtype != torch.uint8:
+        raise DataError(f"{what}: tensors must be uint8 or float in [0, 1], got {t.dtype}")
+    if t.dim() == 3:
+        t = t.permute(1, 2, 0)
+    return _from_array(t.numpy(), size, channels, what)
+
+
+def _read_path(path: Path, size: int, channels: int) -> np.ndarray:
+    """A file through the dataset loaders' decoder, with errors that fit this command."""
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; pass image files (or a folder only as --query)")
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    if not is_image_file(path):
+        raise DataError(f"{path} is not an image file (expected {_KINDS}); remove it or "
+                        "pass only images")
+    try:
+        return read_image(path, size, channels)
+    except CorruptImageError as exc:
+        cause = str(exc).split("; ")[0]
+        raise DataError(f"{cause}; replace or remove the file") from None
+
+
+def load_image(image: ImageLike, size: int, channels: int, what: str = "image") -> np.ndarray:
+    """Any accepted image as ``(size, size, channels)`` uint8, preprocessed like training."""
+    if isinstance(image, (str, Path)):
+        return _read_path(Path(image), size, channels)
+    if isinstance(image, Image.Image):
+        return _from_pil(image, size, channels)
+    if isinstance(image, np.ndarray):
+        return _from_array(image, size, channels, what)
+    if isinstance(image, torch.Tensor):
+        return _from_tensor(image, size, channels, what)
+    raise DataError(f"{what}: unsupported type {type(image).__name__}; pass a path, a PIL "
+                    "image, a uint8 numpy array (h, w, c) or a tensor (c, h, w)")
+
+
+def _as_list(images) -> list:
+    """A single image, a sequence of images or a batch array/tensor -> a list of images."""
+    if isinstance(images, (str, Path, Image.Image)):
+        return [images]
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        return list(images)
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        return [images]
+    return list(images)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _checkpoint_kind(path: Path) -> tuple[bool, bool]:
+    """``(has_head, bn_affine)`` from the file header, without reading the tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys, meta = list(fh.keys()), fh.metadata() or {}
+        extra = json.loads(meta[METADATA_KEY]).get("extra", {})
+    except Exception:
+        load_model(path)  # raises the clear truncated / not-ours / version error
+        raise
+    return any(k.startswith("head.") for k in keys), bool(extra.get("bn_affine"))
+
+
+def checkpoint_paths(checkpoint: str | Path) -> tuple[Path | None, Path | None]:
+    """``(meta_path, pretrained_path)`` of a run directory or a single checkpoint file.
+
+    A run directory gives its ``meta_best`` (for mtl) and ``pretrain_best`` (for the
+    baselines, as meta-test uses them); a file counts as meta-trained when it has a head.
+    """
+    path = Path(checkpoint)
+    if path.is_dir():
+        meta, pre = path / "meta_best.safetensors", path / "pretrain_best.safetensors"
+        meta_path = meta if meta.is_file() else None
+        pre_path = pre if pre.is_file() else None
+        if meta_path is None and pre_path is None:
+            return checkpoint_paths(resolve_checkpoint(path))  # model.safetensors or error
+        return meta_path, pre_path
+    file = resolve_checkpoint(path)
+    return (file, None) if _checkpoint_kind(file)[0] else (None, file)
+
+
+def available_methods(meta_path: Path | None, pretrained_path: Path | None) -> list[str]:
+    """Methods a checkpoint supports: mtl needs theta_0, the baselines plain features.
+
+    The first is the default: mtl when there is theta_0, else protonet.
+    """
+    head, bn_affine = _checkpoint_kind(meta_path) if meta_path else (False, False)
+    methods = ["mtl"] if head else []
+    if pretrained_path is not None or (meta_path is not None and not bn_affine):
+        methods += ["protonet", "ft"]
+    return methods
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    from .runs import resolve_device
+
+    return device if isinstance(device, torch.device) else resolve_device(device)
+
+
+# ----------------------------------------------------------------------------- classifier
+
+
+class FewShotClassifier:
+    """A few-shot classifier: a frozen backbone plus a base learner fitted on support images.
+
+    Args:
+        backbone: the (SS or plain) feature extractor of the checkpoint.
+        info: its :class:`~metatransfer.checkpoints.ModelInfo` (preprocessing, inner loop).
+        method: ``mtl`` (inner loop from ``head``), ``ft`` (inner loop from zero) or
+            ``protonet`` (nearest centroid).
+        head: theta_0 ``(weight (N, D), bias (N,))``, needed by ``mtl``.
+        inner_steps, inner_lr: base-learner settings (default: the checkpoint's).
+    """
+
+    def __init__(self, backbone: nn.Module, info: ModelInfo, method: str,
+                 head: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 device: str | torch.device = "auto", inner_steps: int | None = None,
+                 inner_lr: float | None = None) -> None:
+        if method not in METHODS:
+            raise MTLError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+        if method == "mtl" and head is None:
+            raise MTLError("method 'mtl' needs a meta-trained checkpoint (with theta_0); "
+                           "use --method protonet or ft with a pre-trained one")
+        self.device = _resolve_device(device)
+        self.info = info
+        self.method = method
+        self.inner_steps = info.inner_steps if inner_steps is None else int(inner_steps)
+        self.inner_lr = info.inner_lr if inner_lr is None else float(inner_lr)
+        self.head = None if head is None else tuple(t.to(self.device) for t in head)
+        self.embedder = Embedder(backbone.to(self.device).eval(),
+                                 Normalizer(info.mean, info.std, self.device), self.device,
+                                 feature_norm=info.feature_norm if method == "mtl" else "none")
+        self.classes_: list[str] = []
+        self._support: torch.Tensor | None = None
+        self._labels: torch.Tensor | None = None
+
+    # -- construction
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, method: str | None = None,
+                        device: str | torch.device = "auto", inner_steps: int | None = None,
+                        inner_lr: float | None = None) -> FewShotClassifier:
+        """Load a run directory (meta_best, else pretrain_best) or a checkpoint file."""
+        return load_classifiers(checkpoint, [method] if method else None, device,
+                                inner_steps, inner_lr)[0]
+
+    # -- images
+
+    @property
+    def image_size(self) -> int:
+        return int(self.info.image_size)
+
+    def preprocess(self, images: Iterable[ImageLike], what: str = "image") -> np.ndarray:
+        """``(n, size, size, channels)`` uint8, exactly as the training data was prepared."""
+        size, channels = self.image_size, int(self.info.in_channels)
+        items = _as_list(images)
+        if not items:
+            return np.zeros((0, size, size, channels), np.uint8)
+        return np.stack([load_image(im, size, channels, f"{what} {i + 1}")
+                         for i, im in enumerate(items)])
+
+    def embed(self, images: np.ndarray) -> torch.Tensor:
+        """``(n, D)`` embeddings of preprocessed uint8 images, through meta-test's embedder."""
+        split = ImageSplit(images, np.zeros(len(images), np.int64), ["_"], "adapt",
+                           tuple(self.info.mean), tuple(self.info.std))
+        return self.embedder.embed(split, np.arange(len(images)))
+
+    # -- fit / predict
+
+    def fit(self, support: Mapping[str, Sequence[ImageLike]]) -> FewShotClassifier:
+        """Adapt to ``{class name: images}`` (>= 2 classes, >= 1 image each, any counts).
+
+        Classes keep the mapping's order (``classes_``). Unequal shots are one task with
+        all support images; the inner loop averages the loss over images and ProtoNet
+        divides by each class's own count.
+        """
+        if not isinstance(support, Mapping):
+            raise DataError("support must map class names to lists of images")
+        names = [str(n) for n in support]
+        if len(names) < 2:
+            raise DataError(f"support has {len(names)} class{'es' if len(names) != 1 else ''}; "
+                            "few-shot classification needs at least 2 classes")
+        if len(set(names)) != len(names):
+            raise DataError("support has duplicate class names; give each class its own name")
+        arrays, labels = [], []
+        for label, (name, images) in enumerate(support.items()):
+            batch = self.preprocess(images, what=f"class '{name}' image")
+            if len(batch) == 0:
+                raise DataError(f"class '{name}' has no support images; add at least one or "
+                                "remove the class")
+            arrays.append(batch)
+            labels += [label] * len(batch)
+        self._support = self.embed(np.concatenate(arrays))[None]
+        self._labels = torch.as_tensor(labels, device=self.device)[None]
+        self.classes_ = names
+        return self
+
+    def shots(self) -> dict[str, int]:
+        """Support images per class of the last ``fit``."""
+        if self._labels is None:
+            return {}
+        counts = torch.bincount(self._labels[0], minlength=len(self.classes_)).tolist()
+        return dict(zip(self.classes_, counts, strict=True))
+
+    def logits(self, images) -> torch.Tensor:
+        """``(n, ways)`` query logits (float32, on the classifier's device)."""
+        if self._support is None:
+            raise MTLError("call fit(support) before predicting")
+        batch = self.preprocess(images, what="query image")
+        if len(batch) == 0:
+            return torch.zeros(0, len(self.classes_), device=self.device)
+        query = self.embed(batch)[None]
+        with torch.no_grad():
+            logits = episode_logits(self.method, self._support, self._labels, query,
+                                    len(self.classes_), self.inner_steps, self.inner_lr,
+                                    self.head)
+        return logits[0]
+
+    def predict_proba(self, images) -> np.ndarray:
+        """``(n, ways)`` class probabilities (softmax of the logits); columns = ``classes_``."""
+        return torch.softmax(self.logits(images), dim=-1).cpu().numpy()
+
+    def predict(self, images) -> list[str]:
+        """The predicted class name of each image."""
+        return [self.classes_[i] for i in self.logits(images).argmax(-1).tolist()]
+
+
+def load_classifiers(checkpoint: str | Path, methods: list[str] | None = None,
+                     device: str | torch.device = "auto", inner_steps: int | None = None,
+                     inner_lr: float | None = None) -> list[FewShotClassifier]:
+    """Classifiers for ``methods`` (default: the checkpoint's default), sharing backbones."""
+    from .phases.meta_test import load_models
+
+    meta_path, pre_path = checkpoint_paths(checkpoint)
+    usable = available_methods(meta_path, pre_path)
+    methods = methods or usable[:1] or ["protonet"]
+    for method in methods:
+        if method not in METHODS:
+            raise MTLError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+        if method != "mtl" and method not in usable:
+            raise MTLError(f"method '{method}' needs pre-trained features: pass the run "
+                           "directory (with pretrain_best.safetensors) or that file")
+    models = load_models(meta_path, pre_path, methods)
+    dev = _resolve_device(device)
+    return [FewShotClassifier(models[m][1], models[m][0], m, models[m][2], dev,
+                              inner_steps, inner_lr) for m in methods]
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def scan_support(folder: str | Path) -> dict[str, list[Path]]:
+    """``{class: image paths}`` of a folder with one sub-folder per class (sorted names)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"support folder {root} does not exist or is not a folder")
+    classes: dict[str, list[Path]] = {}
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            raise DataError(f"{entry} lies directly in the support folder; put each class's "
+                            "images in a sub-folder named after the class")
+        classes[entry.name] = _image_files(entry, f"class folder {entry}")
+    if len(classes) < 2:
+        raise DataError(f"support folder {root} has {len(classes)} class folder"
+                        f"{'s' if len(classes) != 1 else ''}; few-shot classification needs "
+                        "at least 2 (one sub-folder of images per class)")
+    return classes
+
+
+def _image_files(folder: Path, what: str) -> list[Path]:
+    files = []
+    for item in sorted(folder.iterdir()):
+        if item.name.startswith("."):
+            continue
+        if item.is_dir():
+            raise DataError(f"{item} is a folder inside {what}; only image files belong there")
+        if not is_image_file(item):
+            raise DataError(f"{item} is not an image file (expected {_KINDS}); remove it")
+        files.append(item)
+    if not files:
+        raise DataError(f"{what} is empty; add at least one image ({_KINDS})")
+    return files
+
+
+def expand_queries(paths: Sequence[str | Path]) -> list[Path]:
+    """Query files in order; a folder contributes its images (sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += _image_files(p, f"query folder {p}")
+        elif not p.exists():
+            raise DataError(f"query {p} does not exist")
+        else:
+            out.append(p)
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[list[tuple[str, float]]]:
+    """Per row, the ``k`` most probable ``(class, probability)`` pairs, best first."""
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[(classes[j], float(row[j])) for j in idx]
+            for row, idx in zip(probs, order, strict=True)]
+
+
+def format_table(queries: list[str], ranked: list[list[tuple[str, float]]]) -> str:
+    width = max([len("query")] + [len(q) for q in queries])
+    k = len(ranked[0]) if ranked else 1
+    head = f"{'query':<{width}}  prediction"
+    if k > 1:
+        head += "  (top " + str(k) + ")"
+    lines = [head]
+    for q, row in zip(queries, ranked, strict=True):
+        cells = "   ".join(f"{c} {p:.3f}" for c, p in row)
+        lines.append(f"{q:<{width}}  {cells}")
+    return "\n".join(lines)
+
+
+def write_output(path: Path, queries: list[str], ranked, method: str, classes: list[str]):
+    if path.suffix.lower() == ".json":
+        doc = {"method": method, "classes": classes,
+               "predictions": [{"query": q, "prediction": r[0][0], "probability": r[0][1],
+                                "top": [{"class": c, "probability": p} for c, p in r]}
+                               for q, r in zip(queries, ranked, strict=True)]}
+        path.write_text(json.dumps(doc, indent=2))
+    elif path.suffix.lower() == ".csv":
+        k = len(ranked[0]) if ranked else 1
+        with path.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            header = ["query"]
+            for i in range(1, k + 1):
+                header += [f"class_{i}", f"probability_{i}"]
+            writer.writerow(header)
+            for q, row in zip(queries, ranked, strict=True):
+                writer.writerow([q] + [v for c, p in row for v in (c, f"{p:.6f}")])
+    else:
+        raise DataError(f"--output {path}: use a .csv or .json file name")
+
+
+def cmd_adapt(args: argparse.Namespace) -> None:
+    support = scan_support(args.support)
+    queries = expand_queries(args.query)
+    if args.top < 1:
+        raise MTLError("--top must be at least 1")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    clf = FewShotClassifier.from_checkpoint(args.checkpoint, args.method, args.device,
+                                            args.inner_steps, args.inner_lr)
+    clf.fit(support)
+    probs = clf.predict_proba(queries)
+    names = [str(q) for q in queries]
+    ranked = top_k(probs, clf.classes_, min(args.top, len(clf.classes_)))
+    shots = clf.shots()
+    print(f"method {clf.method}, {len(shots)} classes "
+          f"({', '.join(f'{c}: {n}' for c, n in shots.items())} support images), "
+          f"device {clf.device}", file=sys.stderr)
+    if args.output:
+        write_output(Path(args.output), names, ranked, clf.method, clf.classes_)
+        print(f"wrote {len(names)} predictions to {args.output}", file=sys.stderr)
+    else:
+        print(format_table(names, ranked))
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``adapt`` and ``serve``."""
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory (meta_best, else pretrain_best) or .safetensors file")
+    p.add_argument("--method", choices=METHODS,
+                   help="mtl (SS + inner loop from theta_0), ft or protonet on pre-trained "
+                        "features (default: mtl when the checkpoint is meta-trained)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--inner-steps", type=int, help="base-learner steps (default: checkpoint's)")
+    p.add_argument("--inner-lr", type=float, help="base-learner lr (default: checkpoint's)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "adapt", help="classify your own images from a few examples per class",
+        description="Fit a few-shot classifier on SUPPORT (one sub-folder of images per "
+                    "class) and print the predicted class of each query image.")
+    add_model_options(p)
+    p.add_argument("--support", required=True, metavar="DIR",
+                   help="folder with one sub-folder of images per class (>= 2 classes)")
+    p.add_argument("--query", required=True, nargs="+", metavar="PATH",
+                   help="query image files or folders of images")
+    p.add_argument("--top", type=int, default=1, metavar="K", help="show the K best classes")
+    p.add_argument("--output", metavar="FILE", help="write predictions to FILE (.csv or .json)")
+    p.set_defaults(func=cmd_adapt)

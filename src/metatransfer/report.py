@@ -1,0 +1,115 @@
+"""``mtl report RUN_DIR``: learning curves and accuracy plots from a run's own records.
+
+Everything is rendered from ``metrics.jsonl`` and ``results.json``, so a report can be
+rebuilt at any time from any run directory (or a benchmark folder of several runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .errors import MTLError
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_learning_curves(runs: dict[str, Path], out: Path) -> Path | None:
+    """Loss and val accuracy per epoch for pre-training and meta-training (one PNG)."""
+    records = {name: read_metrics(path) for name, path in runs.items()}
+    if not any(records.values()):
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for col, phase in enumerate(("pretrain", "meta")):
+        for name, rows in records.items():
+            rows = [r for r in rows if r["phase"] == phase]
+            if not rows:
+                continue
+            epochs = [r["step"] for r in rows]
+            axes[0, col].plot(epochs, [r["loss"] for r in rows], marker="o", label=name)
+            axes[1, col].plot(epochs, [r["val_acc"] for r in rows], marker="o", label=name)
+        title = "pre-training" if phase == "pretrain" else "meta-training"
+        axes[0, col].set_title(f"{title}: train loss")
+        axes[1, col].set_title(f"{title}: val accuracy (%)")
+        for ax in axes[:, col]:
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "learning_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy(results: dict, out: Path) -> Path | None:
+    """Accuracy with 95% CI bars per method, grouped by (ways, shots)."""
+    rows = results.get("results", [])
+    if not rows:
+        return None
+    plt = _pyplot()
+    settings = list(dict.fromkeys((r["ways"], r["shots"]) for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["ways"], r["shots"]): r for r in rows}
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(settings) * max(1, len(methods) / 3)), 4))
+    for i, method in enumerate(methods):
+        xs, ys, errs = [], [], []
+        for j, (ways, shots) in enumerate(settings):
+            r = cell.get((method, ways, shots))
+            if r:
+                xs.append(j + (i - (len(methods) - 1) / 2) * width)
+                ys.append(r["accuracy"])
+                errs.append(r["ci95"])
+        ax.bar(xs, ys, width, yerr=errs, capsize=3, label=method)
+    ax.set_xticks(range(len(settings)), [f"{w}-way {s}-shot" for w, s in settings])
+    lows = [r["accuracy"] - r["ci95"] for r in rows]
+    ax.set_ylim(max(0, min(lows) - 10), min(100, max(r["accuracy"] + r["ci95"] for r in rows) + 3))
+    ax.set_ylabel("accuracy (%), 95% CI")
+    ax.set_title(f"{results.get('dataset', '')} ({results.get('split', '')} split)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=min(len(methods), 4))
+    fig.tight_layout()
+    path = out / "accuracy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render(folder: str | Path) -> list[Path]:
+    """Write the plots for a run directory or a benchmark folder of runs."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MTLError(f"{folder} is not a directory; give a run directory")
+    results_path = folder / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    runs = {"run": folder} if (folder / "metrics.jsonl").is_file() else {}
+    runs.update({p.name: p for p in sorted(folder.iterdir())
+                 if p.is_dir() and (p / "metrics.jsonl").is_file()})
+    if not results and not runs:
+        raise MTLError(f"{folder} has neither results.json nor metrics.jsonl; nothing to plot")
+    written = [plot_learning_curves(runs, folder), plot_accuracy(results, folder)]
+    return [p for p in written if p is not None]
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("report", help="plot learning curves and accuracy of a run")
+    parser.add_argument("run_dir", help="a run directory or benchmark folder")
+    parser.set_defaults(func=lambda args: print("\n".join(str(p) for p in render(args.run_dir))))

@@ -1,0 +1,287 @@
+"""`FewShotClassifier` and `mtl adapt`: meta-test parity, CLI/API agreement, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_toy_split, tiny_overrides
+from PIL import Image
+
+from metatransfer import FewShotClassifier
+from metatransfer.adapt import _from_pil, load_image
+from metatransfer.checkpoints import ModelInfo, load_model, save_model
+from metatransfer.cli import main
+from metatransfer.data.episodes import EpisodeSampler
+from metatransfer.data.images import read_image
+from metatransfer.data.transforms import Normalizer
+from metatransfer.errors import DataError, MTLError
+from metatransfer.evaluation import Embedder, per_episode_accuracy
+from metatransfer.phases.meta_test import load_models
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A seconds-long pretrain -> meta-train -> meta-test run on the toy data."""
+    out = tmp_path_factory.mktemp("adapt") / "run"
+    args = ["run", "--quiet"]
+    for item in tiny_overrides(out):
+        args += ["--set", item]
+    main(args)
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy_test():
+    return make_toy_split("test")
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
+    return path
+
+
+def support_folder(root: Path, split, per_class: dict[int, list[int]]) -> Path:
+    for cls, indices in per_class.items():
+        for i in indices:
+            write_png(root / split.class_names[cls] / f"{i}.png", split.images[i])
+    return root
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ----------------------------------------------------------------------- meta-test parity
+
+
+@pytest.mark.parametrize("method", ["mtl", "ft", "protonet"])
+def test_adapt_reproduces_meta_test_episodes(run_dir, toy_test, method):
+    """Fit on each episode's support, predict its queries: the same accuracy as meta-test."""
+    results = json.loads((run_dir / "results.json").read_text())
+    steps, lr = results["inner_steps"], results["inner_lr"]
+    clf = FewShotClassifier.from_checkpoint(run_dir, method, "cpu", steps, lr)
+    info, backbone, head = load_models(run_dir / "meta_best.safetensors",
+                                       run_dir / "pretrain_best.safetensors", [method])[method]
+    embedder = Embedder(backbone.eval(), Normalizer(toy_test.mean, toy_test.std, CPU), CPU,
+                        feature_norm=info.feature_norm if method == "mtl" else "none")
+    split = toy_test
+    for row in results["results"]:
+        if row["method"] != method:
+            continue
+        sampler = EpisodeSampler(split.indices_by_class, row["ways"], row["shots"],
+                                 row["queries"], seed=results["eval_seed"], name=split.name)
+        accs = []
+        for ep in range(row["episodes"]):
+            batch = sampler.episode(ep)
+            names = [split.class_names[c] for c in batch.classes[0]]
+            shots, queries = batch.shots, batch.queries
+            support = {n: [split.images[i] for i in batch.support[0, j * shots:(j + 1) * shots]]
+                       for j, n in enumerate(names)}
+            truth = [names[j] for j in batch.query_labels()]
+            predicted = clf.fit(support).predict(split.images[batch.query[0]])
+            acc = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
+            reference = per_episode_accuracy(method, embedder, split, sampler, ep, steps, lr,
+                                             head)
+            assert acc == pytest.approx(reference, abs=1e-6), (method, row["shots"], ep)
+            assert len(predicted) == row["ways"] * queries
+            accs.append(acc)
+        assert 100 * np.mean(accs) == pytest.approx(row["accuracy"], abs=0.006)
+
+
+def test_default_method_and_device(run_dir):
+    clf = FewShotClassifier.from_checkpoint(run_dir)
+    assert clf.method == "mtl" and clf.device.type in ("cpu", "cuda")
+    pre = FewShotClassifier.from_checkpoint(run_dir / "pretrain_best.safetensors", device="cpu")
+    assert pre.method == "protonet"
+    with pytest.raises(MTLError, match="meta-trained"):
+        FewShotClassifier.from_checkpoint(run_dir / "pretrain_best.safetensors", "mtl", "cpu")
+
+
+def test_unequal_shots_protonet_uses_each_class_mean(run_dir, toy_test):
+    clf = FewShotClassifier.from_checkpoint(run_dir, "protonet", "cpu")
+    idx = toy_test.indices_by_class
+    support = {"a": [toy_test.images[i] for i in idx[0][:1]],
+               "b": [toy_test.images[i] for i in idx[1][:4]],
+               "c": [toy_test.images[i] for i in idx[2][:2]]}
+    queries = toy_test.images[np.concatenate([idx[c][10:12] for c in range(3)])]
+    clf.fit(support)
+    assert clf.shots() == {"a": 1, "b": 4, "c": 2}
+    feats = {k: clf.embed(np.stack(v)) for k, v in support.items()}
+    centroids = torch.stack([f.mean(0) for f in feats.values()])
+    expected = torch.softmax(-torch.cdist(clf.embed(queries), centroids).pow(2), -1)
+    np.testing.assert_allclose(clf.predict_proba(queries), expected.numpy(), rtol=1e-5,
+                               atol=1e-6)
+    # mtl and ft run one task with all 7 support images and other numbers of ways
+    for method in ("mtl", "ft"):
+        m = FewShotClassifier.from_checkpoint(run_dir, method, "cpu").fit(support)
+        probs = m.predict_proba(queries)
+        assert probs.shape == (6, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+# ----------------------------------------------------------------------- CLI and API
+
+
+def test_cli_and_api_agree(run_dir, toy_test, tmp_path, capsys):
+    idx = toy_test.indices_by_class
+    support = support_folder(tmp_path / "support", toy_test,
+                             {c: list(idx[c][:3]) for c in range(4)})
+    qdir = tmp_path / "queries"
+    query_files = [write_png(qdir / f"q{c}_{i}.png", toy_test.images[i])
+                   for c in range(4) for i in idx[c][10:12]]
+    extra = write_png(tmp_path / "single.png", toy_test.images[idx[0][15]])
+    out_json = tmp_path / "pred.json"
+    code, _, err = run_cli(["adapt", "--checkpoint", str(run_dir), "--support", str(support),
+                            "--query", str(qdir), str(extra), "--top", "3",
+                            "--output", str(out_json), "--device", "cpu"], capsys)
+    assert code == 0, err
+    doc = json.loads(out_json.read_text())
+    assert doc["method"] == "mtl" and doc["classes"] == sorted(doc["classes"])
+
+    clf = FewShotClassifier.from_checkpoint(run_dir, device="cpu")
+    clf.fit({toy_test.class_names[c]: [support / toy_test.class_names[c] / f"{i}.png"
+                                       for i in idx[c][:3]] for c in range(4)})
+    files = sorted(query_files) + [extra]
+    probs = clf.predict_proba(files)
+    assert [p["query"] for p in doc["predictions"]] == [str(f) for f in files]
+    assert [p["prediction"] for p in doc["predictions"]] == clf.predict(files)
+    for row, p in zip(probs, doc["predictions"], strict=True):
+        assert len(p["top"]) == 3
+        assert p["top"][0]["probability"] == pytest.approx(float(row.max()), abs=1e-7)
+    # in-memory arrays (already at the model's size) give the same numbers as the files
+    arrays = [np.asarray(Image.open(f))[..., None] for f in files]
+    np.testing.assert_array_equal(clf.predict_proba(arrays), probs)
+
+    # printed table and CSV
+    code, out, _ = run_cli(["adapt", "--checkpoint", str(run_dir), "--support", str(support),
+                            "--query", str(extra), "--top", "2", "--device", "cpu"], capsys)
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("query") and str(extra) in lines[1]
+    assert lines[1].split()[1] == doc["predictions"][-1]["prediction"]
+    out_csv = tmp_path / "pred.csv"
+    code, _, _ = run_cli(["adapt", "--checkpoint", str(run_dir), "--support", str(support),
+                          "--query", str(qdir), "--output", str(out_csv), "--method",
+                          "protonet", "--device", "cpu"], capsys)
+    assert code == 0
+    rows = out_csv.read_text().strip().splitlines()
+    assert rows[0] == "query,class_1,probability_1" and len(rows) == 1 + len(query_files)
+
+
+def test_checkpoint_round_trip_is_bit_exact(run_dir, toy_test, tmp_path):
+    idx = toy_test.indices_by_class
+    support = {toy_test.class_names[c]: [toy_test.images[i] for i in idx[c][:2]]
+               for c in range(5)}
+    queries = toy_test.images[np.concatenate([idx[c][5:9] for c in range(5)])]
+    for name, method in (("meta_best", "mtl"), ("pretrain_best", "protonet"),
+                         ("pretrain_best", "ft")):
+        info, state, head = load_model(run_dir / f"{name}.safetensors")
+        copy = tmp_path / f"{name}-copy.safetensors"
+        save_model(copy, info, state, head)
+        a = FewShotClassifier.from_checkpoint(run_dir / f"{name}.safetensors", method, "cpu")
+        b = FewShotClassifier.from_checkpoint(copy, method, "cpu")
+        pa = a.fit(support).predict_proba(queries)
+        pb = b.fit(support).predict_proba(queries)
+        assert np.array_equal(pa, pb), method
+
+
+# ----------------------------------------------------------------------- preprocessing
+
+
+def test_in_memory_images_match_the_file_decoder(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    path = write_png(tmp_path / "x.png", rgb)
+    for channels in (1, 3):
+        from_file = read_image(path, 16, channels)
+        assert np.array_equal(_from_pil(Image.open(path), 16, channels), from_file)
+        assert np.array_equal(load_image(rgb, 16, channels), from_file)
+        chw = torch.from_numpy(rgb).permute(2, 0, 1)
+        assert np.array_equal(load_image(chw, 16, channels), from_file)
+        assert np.array_equal(load_image(chw.float() / 255, 16, channels), from_file)
+    palette = Image.fromarray(rgb).convert("P")
+    palette.save(tmp_path / "p.png")
+    assert np.array_equal(_from_pil(palette, 16, 3), read_image(tmp_path / "p.png", 16, 3))
+
+
+def test_api_errors(run_dir, toy_test):
+    clf = FewShotClassifier.from_checkpoint(run_dir, device="cpu")
+    img = toy_test.images[0]
+    with pytest.raises(MTLError, match="fit"):
+        clf.predict([img])
+    with pytest.raises(DataError, match="at least 2 classes"):
+        clf.fit({"only": [img, img]})
+    with pytest.raises(DataError, match="class 'b' has no support images"):
+        clf.fit({"a": [img], "b": []})
+    with pytest.raises(DataError, match="uint8"):
+        clf.fit({"a": [img.astype(np.int32)], "b": [img]})
+    with pytest.raises(DataError, match="unsupported type"):
+        clf.fit({"a": [img], "b": [3]})
+
+
+# ----------------------------------------------------------------------- bad input (CLI)
+
+
+def one_line_error(capsys, args) -> str:
+    code, _, err = run_cli(args, capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_bad_inputs_give_one_line_errors(run_dir, toy_test, tmp_path, capsys):
+    idx = toy_test.indices_by_class
+    good = support_folder(tmp_path / "good", toy_test, {0: list(idx[0][:2]),
+                                                        1: list(idx[1][:2])})
+    query = write_png(tmp_path / "q.png", toy_test.images[idx[0][5]])
+
+    def adapt(support, checkpoint=run_dir, q=query):
+        return one_line_error(capsys, ["adapt", "--checkpoint", str(checkpoint), "--support",
+                                       str(support), "--query", str(q), "--device", "cpu"])
+
+    one = support_folder(tmp_path / "one", toy_test, {0: list(idx[0][:2])})
+    assert "needs at least 2" in adapt(one)
+
+    empty = support_folder(tmp_path / "empty", toy_test, {0: list(idx[0][:2])})
+    (empty / "nothing").mkdir()
+    assert "nothing is empty" in adapt(empty)
+
+    text = support_folder(tmp_path / "text", toy_test, {0: [idx[0][0]], 1: [idx[1][0]]})
+    (text / toy_test.class_names[1] / "notes.txt").write_text("hello")
+    assert "notes.txt is not an image file" in adapt(text)
+
+    corrupt = support_folder(tmp_path / "corrupt", toy_test, {0: [idx[0][0]], 1: [idx[1][0]]})
+    (corrupt / toy_test.class_names[0] / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    msg = adapt(corrupt)
+    assert "broken.jpg" in msg and "not a readable image" in msg
+
+    assert "q.txt is not an image file" in adapt(good, q=_touch(tmp_path / "q.txt"))
+    assert "does not exist" in adapt(good, q=tmp_path / "missing.png")
+
+    info, state, head = load_model(run_dir / "meta_best.safetensors")
+    future = ModelInfo(**{**info.__dict__, "format_version": 99})
+    save_model(tmp_path / "future.safetensors", future, state, head)
+    assert "checkpoint format 99" in adapt(good, tmp_path / "future.safetensors")
+
+    data = (run_dir / "meta_best.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    assert "truncated or corrupt" in adapt(good, tmp_path / "cut.safetensors")
+
+
+def _touch(path: Path) -> Path:
+    path.write_text("not an image")
+    return path

@@ -1,0 +1,72 @@
+"""Smoke tests of the benchmarks: they run at a tiny size and print parseable JSON lines."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_throughput_quick(capsys):
+    load("throughput").main(["--quick", "--device", "cpu", "--backbones", "conv4@16"])
+    records = json_lines(capsys.readouterr().out)
+    measures = {r["measure"] for r in records}
+    assert {"machine", "matmul", "flops", "pretrain", "data_pipeline", "meta_backbone_fwd_bwd",
+            "meta_train", "meta_batch", "embed", "meta_test", "total"} <= measures
+    train = [r for r in records if r["measure"] == "meta_train"]
+    assert {(r["shots"], r["order"]) for r in train} == {(s, o) for s in (1, 5)
+                                                          for o in ("first", "second")}
+    pre = next(r for r in records if r["measure"] == "pretrain")
+    assert pre["images_per_s"] > 0 and 0 <= pre["fraction_of_matmul"] < 2
+    assert pre["train_gflop_per_image"] > 0 and pre["peak_mib"] > 0
+
+
+def test_eval_speedup_tiny(capsys):
+    load("eval_speedup").main([
+        "--dataset", "toy", "--backbone", "conv4", "--backbone-args", '{"width": 8}',
+        "--image-size", "16", "--episodes", "6", "--many", "12", "--queries", "3",
+        "--inner-steps", "3", "--embed-sample", "8", "--device", "cpu"])
+    records = json_lines(capsys.readouterr().out)
+    once = [r for r in records if r["measure"] == "embed_once"]
+    assert [r["episodes_per_setting"] for r in once] == [6, 12]
+    assert once[0]["speedup"] > 0 and once[0]["distinct_images"] <= once[0]["images"]
+
+
+def test_gpu_script_syntax():
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash not available")
+    subprocess.run([bash, "-n", str(BENCH / "gpu.sh")], check=True)
+
+
+def test_gpu_script_cpu_fallback(tmp_path):
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash not available")
+    env = {**os.environ, "OUT": str(tmp_path), "DEVICE": "cpu", "BACKBONES": "conv4@16",
+           "EXTRA": "--quick --skip metabatch metatest", "SKIP_INSTALL": "1",
+           "PYTHON": sys.executable}
+    subprocess.run([bash, str(BENCH / "gpu.sh")], check=True, env=env, timeout=300,
+                   capture_output=True)
+    records = json_lines((tmp_path / "gpu_results.jsonl").read_text())
+    assert records[0]["measure"] == "machine" and records[0]["device"] == "cpu"
+    assert any(r["measure"] == "pretrain" for r in records)

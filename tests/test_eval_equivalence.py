@@ -1,0 +1,93 @@
+"""Embed-once, batched-episode evaluation equals the one-episode-at-a-time reference.
+
+``evaluation.evaluate`` embeds every image once and adapts many episodes' heads in one
+batched inner loop; ``evaluation.per_episode_accuracy`` embeds each episode's images and
+adapts it alone. They must agree episode by episode (to float tolerance: accuracies are
+counts of argmax hits, so they must be equal).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_toy_split
+
+from metatransfer.data.episodes import EpisodeSampler
+from metatransfer.data.transforms import Normalizer
+from metatransfer.evaluation import Embedder, evaluate, per_episode_accuracy
+from metatransfer.learners import episode_logits
+from metatransfer.models import create_backbone
+from metatransfer.models.ss import enable_ss
+
+EPISODES = 9
+STEPS = 15
+LR = 0.5
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    split = make_toy_split("val")
+    backbone = create_backbone("conv4", in_channels=1, width=8)
+    # Non-trivial BN statistics and SS parameters, so eval-mode BN and SS both matter.
+    with torch.no_grad():
+        backbone.train()
+        backbone(torch.randn(32, 1, 16, 16))
+    for p in enable_ss(backbone, "kernel", "all"):
+        with torch.no_grad():
+            p.add_(0.1 * torch.randn_like(p))
+    head = (0.1 * torch.randn(5, backbone.out_dim), 0.1 * torch.randn(5))
+    embedder = Embedder(backbone, Normalizer(split.mean, split.std, torch.device("cpu")),
+                        torch.device("cpu"))
+    return split, embedder, head
+
+
+@pytest.mark.parametrize("shots", [1, 5])
+@pytest.mark.parametrize("method", ["mtl", "ft", "protonet"])
+def test_cached_batched_equals_per_episode(setup, method, shots):
+    split, embedder, head = setup
+    sampler = EpisodeSampler(split.indices_by_class, 5, shots, 4, seed=3, name=split.name)
+    use_head = head if method == "mtl" else None
+    # episode_batch smaller than the episode count: several batched inner loops.
+    fast = evaluate(method, embedder, split, sampler, EPISODES, STEPS, LR, use_head,
+                    episode_batch=4)
+    slow = [per_episode_accuracy(method, embedder, split, sampler, i, STEPS, LR, use_head)
+            for i in range(EPISODES)]
+    np.testing.assert_array_equal(fast, np.array(slow, dtype=fast.dtype))
+    assert 0.0 < fast.mean() < 1.0  # a meaningful comparison: neither all right nor all wrong
+
+
+def test_batched_logits_match_single_episodes(setup):
+    """The batched inner loop gives each episode the logits it gets alone (tolerance)."""
+    split, embedder, head = setup
+    sampler = EpisodeSampler(split.indices_by_class, 5, 2, 3, seed=5, name=split.name)
+    batch = sampler.batch(0, 6)
+    feats = embedder.embed(split, np.arange(len(split)))
+    labels = torch.as_tensor(batch.support_labels()).expand(batch.tasks, -1)
+    support, query = feats[batch.support], feats[batch.query]
+    together = episode_logits("mtl", support, labels, query, 5, STEPS, LR, head)
+    for t in range(batch.tasks):
+        alone = episode_logits("mtl", support[t:t + 1], labels[t:t + 1], query[t:t + 1], 5,
+                               STEPS, LR, head)
+        torch.testing.assert_close(together[t:t + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_cache_embeds_each_image_once(setup):
+    split, embedder, head = setup
+    calls = []
+    real = embedder.embed
+
+    def counting(split_, indices, **kw):
+        calls.append(len(indices))
+        return real(split_, indices, **kw)
+
+    embedder.embed = counting  # type: ignore[method-assign]
+    try:
+        cache: dict = {}
+        for shots in (1, 5):
+            sampler = EpisodeSampler(split.indices_by_class, 5, shots, 4, seed=3)
+            evaluate("protonet", embedder, split, sampler, EPISODES, 0, 0.0, cache=cache)
+    finally:
+        del embedder.embed
+    assert sum(calls) == len(np.unique(cache["indices"])) <= len(split)
