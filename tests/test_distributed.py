@@ -66,10 +66,15 @@ def pretrain_cfg(out: Path):
         "pretrain.batch_size=96"])  # 288 toy images: 3 steps of a 96-image global batch
 
 
-def meta_cfg(out: Path):
+META_VARIANTS = {
+    "meta": ["meta.meta_batch=3", "meta.ht=resample", "meta.ht_tasks=3"],  # uneven shares
+    "meta_one": ["meta.meta_batch=1", "meta.ht=reuse", "meta.ht_tasks=1"],  # rank 1 idle
+}
+
+
+def meta_cfg(out: Path, variant: str = "meta"):
     return load_config(overrides=tiny_overrides(out) + [
-        "meta.epochs=1", "meta.episodes_per_epoch=2", "meta.meta_batch=3", "meta.ht=resample",
-        "meta.ht_tasks=3"])  # 3 + 3 tasks on 2 ranks: uneven shares of both kinds
+        "meta.epochs=1", "meta.episodes_per_epoch=2", *META_VARIANTS[variant]])
 
 
 def eval_cfg(out: Path):
@@ -115,8 +120,9 @@ def two_rank_phases(root: Path) -> None:
     main = distributed.is_main()
     assert distributed.world_size() == WORLD
     pretrain(pretrain_cfg(root / "pre2"), RunDir(root / "pre2", main), CPU, show=False)
-    meta_train(meta_cfg(root / "meta2"), RunDir(root / "meta2", main), CPU,
-               root / "init" / BEST, show=False)
+    for variant in META_VARIANTS:
+        meta_train(meta_cfg(root / f"{variant}2", variant), RunDir(root / f"{variant}2", main),
+                   CPU, root / "init" / BEST, show=False)
     cfg = eval_cfg(root / "test2")
     meta_path = root / "meta1" / "meta_best.safetensors"
     meta_test(cfg, RunDir(root / "test2", main), CPU, meta_path, root / "init" / BEST, False)
@@ -131,8 +137,9 @@ def runs(tmp_path_factory) -> Path:
     pretrain(pretrain_cfg(root / "pre1"), RunDir(root / "pre1"), CPU, show=False)
     init = load_config(overrides=tiny_overrides(root / "init") + ["pretrain.epochs=0"])
     pretrain(init, RunDir(root / "init"), CPU, show=False)  # an untrained conv4 checkpoint
-    meta_train(meta_cfg(root / "meta1"), RunDir(root / "meta1"), CPU, root / "init" / BEST,
-               show=False)
+    for variant in META_VARIANTS:
+        meta_train(meta_cfg(root / f"{variant}1", variant), RunDir(root / f"{variant}1"), CPU,
+                   root / "init" / BEST, show=False)
     meta_test(eval_cfg(root / "test1"), RunDir(root / "test1"), CPU,
               root / "meta1" / "meta_best.safetensors", root / "init" / BEST, False)
     spawn(two_rank_phases, root)
@@ -159,13 +166,14 @@ def test_pretrain_two_ranks_equal_one_rank(runs):
     assert m2[0]["val_acc"] == pytest.approx(m1[0]["val_acc"], abs=1e-9)
 
 
-def test_meta_train_two_ranks_equal_one_rank(runs):
-    one, two = RunDir(runs / "meta1").load_state("meta"), RunDir(runs / "meta2").load_state(
-        "meta")
+@pytest.mark.parametrize("variant", list(META_VARIANTS))
+def test_meta_train_two_ranks_equal_one_rank(runs, variant):
+    one = RunDir(runs / f"{variant}1").load_state("meta")
+    two = RunDir(runs / f"{variant}2").load_state("meta")
     assert one["learner"]["weight0"].abs().sum() > 0, "theta_0 moved"
     assert_states_close(one["learner"], two["learner"])
-    m1 = [r for r in RunDir(runs / "meta1").metrics() if r["phase"] == "meta"]
-    m2 = [r for r in RunDir(runs / "meta2").metrics() if r["phase"] == "meta"]
+    m1 = [r for r in RunDir(runs / f"{variant}1").metrics() if r["phase"] == "meta"]
+    m2 = [r for r in RunDir(runs / f"{variant}2").metrics() if r["phase"] == "meta"]
     for key in ("loss", "train_acc", "hard_acc"):
         assert m2[0][key] == pytest.approx(m1[0][key], rel=1e-5), key
 

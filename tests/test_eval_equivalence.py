@@ -16,7 +16,7 @@ from conftest import make_toy_split
 from metatransfer.data.episodes import EpisodeSampler
 from metatransfer.data.transforms import Normalizer
 from metatransfer.evaluation import Embedder, evaluate, per_episode_accuracy
-from metatransfer.learners import episode_logits
+from metatransfer.learners import adapt, cross_entropy_grads, episode_logits, linear_logits
 from metatransfer.models import create_backbone
 from metatransfer.models.ss import enable_ss
 
@@ -91,3 +91,37 @@ def test_shared_cache_embeds_each_image_once(setup):
     finally:
         del embedder.embed
     assert sum(calls) == len(np.unique(cache["indices"])) <= len(split)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_dual_inner_loop_equals_primal_steps(first_order):
+    """``adapt`` (support-span form when S < D) equals plain gradient steps, and so do
+    its meta-gradients w.r.t. theta_0 and the features."""
+    g = torch.Generator().manual_seed(4)
+    dt = torch.float64
+    feats = torch.randn(3, 5, 12, generator=g, dtype=dt, requires_grad=True)
+    w0 = (0.1 * torch.randn(5, 12, generator=g, dtype=dt)).requires_grad_()
+    b0 = torch.randn(5, generator=g, dtype=dt, requires_grad=True)
+    labels = torch.arange(5).expand(3, -1)
+    targets = torch.nn.functional.one_hot(labels, 5).to(dt)
+
+    def primal():
+        w, b = w0.expand(3, -1, -1), b0.expand(3, -1)
+        for _ in range(STEPS):
+            gw, gb = cross_entropy_grads(w, b, feats, targets)
+            if first_order:
+                gw, gb = gw.detach(), gb.detach()
+            w, b = w - LR * gw, b - LR * gb
+        return w, b
+
+    query = torch.randn(3, 7, 12, generator=g, dtype=dt)
+    results = []
+    for w, b in (adapt(w0, b0, feats, labels, 5, STEPS, LR, first_order), primal()):
+        loss = linear_logits(w, b, query).logsumexp(-1).sum()
+        grads = torch.autograd.grad(loss, (w0, b0, feats), allow_unused=True)
+        results.append((w, b, *grads))
+    for got, want in zip(*results, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want)

@@ -50,3 +50,17 @@ def test_rerun_into_existing_run_dir_asks_for_resume(tmp_path, capsys):
         main(args)
     assert exc.value.code == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_meta_test_methods_share_episodes_and_ft_all_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "--quiet"]
+    for item in tiny_overrides(out):
+        args += ["--set", item]
+    run_cli(args)
+    args = ["meta-test", "--quiet", "--checkpoint", str(out), "--method", "mtl,ft-all,protonet",
+            "--episodes", "6", "--set", "eval.ft_all_steps=3", "--set", "eval.shots=[1]"]
+    run_cli(args)
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["results"]] == ["mtl", "ft-all", "protonet"]
+    assert all(r["episodes"] == 6 for r in results["results"])

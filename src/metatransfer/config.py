@@ -114,6 +114,9 @@ class EvalConfig:
     inner_lr: float = 0.01
     seed: int = 1234  # episode seed, independent of the training seed
     episode_batch: int = 200  # episodes adapted together in one batched inner loop
+    ft_all_episodes: int = 100  # ft-all fine-tunes the backbone per episode: first N only
+    ft_all_steps: int = 20
+    ft_all_lr: float = 0.01
     split: str = "test"  # which split to evaluate: test | val | train
 
 
@@ -297,7 +300,7 @@ _POSITIVE = {
     "data": ["glyph_classes", "glyph_images"],
     "pretrain": ["batch_size", "val_episodes", "val_ways", "val_shots", "val_queries"],
     "meta": ["episodes_per_epoch", "ways", "shots", "queries", "meta_batch", "val_episodes"],
-    "eval": ["episodes", "queries", "episode_batch"],
+    "eval": ["episodes", "queries", "episode_batch", "ft_all_episodes"],
 }
 _NON_NEGATIVE = {
     "data": ["image_size"],

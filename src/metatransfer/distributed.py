@@ -36,9 +36,21 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-# First-time dataset decoding happens between collectives (local rank 0 decodes while the
-# others wait at a barrier), so the timeout must outlast it; NCCL's default is 10 minutes.
-TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("METATRANSFER_DIST_TIMEOUT_MIN", "60")))
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective may wait: ``$METATRANSFER_DIST_TIMEOUT_MIN`` minutes (60).
+
+    First-time dataset decoding happens between collectives (local rank 0 decodes while
+    the others wait at a barrier), so it must outlast that; NCCL's default is 10 minutes.
+    """
+    raw = os.environ.get("METATRANSFER_DIST_TIMEOUT_MIN", "60")
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise ConfigError(f"METATRANSFER_DIST_TIMEOUT_MIN must be a positive number of "
+                          f"minutes, got {raw!r}")
+    return datetime.timedelta(minutes=minutes)
 
 
 def launched_by_torchrun() -> bool:
@@ -91,7 +103,7 @@ def init_from_env(device: str = "auto") -> torch.device:
         torch.cuda.set_device(wanted)
     if not dist.is_initialized():
         backend = "nccl" if wanted.type == "cuda" else "gloo"
-        kwargs: dict[str, Any] = {"backend": backend, "timeout": TIMEOUT}
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": collective_timeout()}
         if backend == "nccl":
             kwargs["device_id"] = wanted  # binds the communicator, avoids a lazy guess
         dist.init_process_group(**kwargs)

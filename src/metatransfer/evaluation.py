@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .data.base import ImageSplit
 from .data.episodes import EpisodeBatch, EpisodeSampler
-from .data.transforms import Normalizer, gather_uint8
+from .data.transforms import Normalizer, gather_uint8, to_device
 from .learners import episode_logits, normalize_features
 
 
@@ -102,13 +102,15 @@ def evaluate(
     support_labels = torch.as_tensor(batch.support_labels(), device=embedder.device)
     query_labels = torch.as_tensor(batch.query_labels(), device=embedder.device)
     ways = batch.ways
+    # feature rows of every episode, moved to the device in one transfer (no per-chunk sync)
+    support_rows = to_device(row_of[batch.support], feats.device)
+    query_rows = to_device(row_of[batch.query], feats.device)
     correct = []
     with torch.no_grad():
         for start in range(0, batch.tasks, episode_batch):
-            part = batch[start:start + episode_batch]
-            support = feats[torch.as_tensor(row_of[part.support], device=feats.device)]
-            query = feats[torch.as_tensor(row_of[part.query], device=feats.device)]
-            tasks = part.tasks
+            support = feats[support_rows[start:start + episode_batch]]
+            query = feats[query_rows[start:start + episode_batch]]
+            tasks = support.shape[0]
             logits = episode_logits(method, support, support_labels.expand(tasks, -1), query,
                                     ways, steps, lr, head)
             hits = (logits.argmax(-1) == query_labels).float().mean(1)

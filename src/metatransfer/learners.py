@@ -4,7 +4,9 @@ Only the linear classifier theta changes in the inner loop, so each task's image
 embedded once and every inner step is two small batched matmuls. The cross-entropy
 gradient is written out (``(softmax - onehot) / n``) instead of calling autograd per
 step: the same numbers, several times faster, and still differentiable by autograd, which
-is what the second-order meta-gradient needs. First order simply detaches it.
+is what the second-order meta-gradient needs. First order simply detaches it. With fewer
+support images than feature dimensions the loop runs in the span of the support features
+(``_adapt_dual``): the same numbers for a fraction of the work.
 
 Shapes: ``T`` tasks, ``S`` support and ``Q`` query images per task, ``D`` feature
 dimension, ``N`` ways.
@@ -58,10 +60,12 @@ def adapt(
 
     Returns: adapted ``(T, N, D)`` weight and ``(T, N)`` bias.
     """
-    tasks = feats.shape[0]
+    tasks, n_support, dim = feats.shape
     weight = weight0.expand(tasks, *weight0.shape[-2:]) if weight0.dim() == 2 else weight0
     bias = bias0.expand(tasks, bias0.shape[-1]) if bias0.dim() == 1 else bias0
     targets = F.one_hot(labels, ways).to(feats.dtype)
+    if 0 < steps and n_support < dim:
+        return _adapt_dual(weight, bias, feats, targets, steps, lr, first_order)
     for _ in range(steps):
         grad_w, grad_b = cross_entropy_grads(weight, bias, feats, targets)
         if first_order:
@@ -69,6 +73,37 @@ def adapt(
         weight = weight - lr * grad_w
         bias = bias - lr * grad_b
     return weight, bias
+
+
+def _adapt_dual(weight: torch.Tensor, bias: torch.Tensor, feats: torch.Tensor,
+                targets: torch.Tensor, steps: int, lr: float, first_order: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`adapt` in the span of the support features: the same result, less work.
+
+    Every gradient step adds ``delta^T feats`` to the weight, so after any number of steps
+    ``weight = weight0 + coef @ feats`` with ``coef`` of shape ``(T, N, S)``, and the
+    support logits are ``feats @ weight0^T + gram @ coef^T + bias`` with the ``(T, S, S)``
+    Gram matrix. Each step then costs ``O(S^2 N)`` instead of ``O(S N D)`` per task (5-way
+    1-shot on 640-d features: 25 vs 3,200 multiply-adds per row), and the second-order
+    graph keeps ``(T, N, S)`` instead of ``(T, N, D)`` tensors per step.
+    """
+    if first_order:  # the update is a constant: compute it without a graph
+        with torch.no_grad():
+            step_w, step_b = _adapt_dual(weight.detach(), bias.detach(), feats.detach(),
+                                         targets, steps, lr, False)
+            step_w, step_b = step_w - weight, step_b - bias
+        return weight + step_w, bias + step_b
+    n_support = feats.shape[1]
+    gram = torch.bmm(feats, feats.transpose(1, 2))  # (T, S, S)
+    base = torch.baddbmm(bias.unsqueeze(1), feats, weight.transpose(1, 2))  # (T, S, N)
+    coef_t = feats.new_zeros(targets.shape)  # (T, S, N): coef transposed
+    shift = feats.new_zeros(bias.shape)  # bias - bias0
+    for _ in range(steps):
+        logits = torch.baddbmm(base + shift.unsqueeze(1), gram, coef_t)
+        delta = (torch.softmax(logits, dim=-1) - targets) / n_support  # (T, S, N)
+        coef_t = coef_t - lr * delta
+        shift = shift - lr * delta.sum(1)
+    return torch.baddbmm(weight, coef_t.transpose(1, 2), feats), bias + shift
 
 
 def prototype_logits(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import tempfile
 import threading
 from importlib import resources
@@ -158,22 +159,31 @@ class _Uploads:
         return message
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail with one clear line when ``host:port`` cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        raise MTLError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose "
+                       "another --port or --host") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import torch
     from werkzeug.serving import make_server
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    _check_port(args.host, args.port)  # werkzeug would print two lines and exit instead
     app = create_app(args.checkpoint, args.method, args.device, args.max_upload_mb,
                      args.inner_steps, args.inner_lr)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: anyone who can reach this address can use the page",
                     args.host)
-    try:
-        server = make_server(args.host, args.port, app, threaded=True)
-    except OSError as exc:
-        raise MTLError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); "
-                       "choose another --port") from None
+    server = make_server(args.host, args.port, app, threaded=True)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"few-shot page on http://{host}:{server.server_port}/ (Ctrl-C to stop)", flush=True)
     try:

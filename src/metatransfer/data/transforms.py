@@ -22,6 +22,18 @@ def gather_uint8(split: ImageSplit, indices: np.ndarray, device: torch.device) -
     return batch.contiguous()
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device`` without a host sync: pinned and non-blocking on CUDA.
+
+    ``torch.as_tensor(array, device="cuda")`` copies from pageable memory and waits for
+    the copy; in a training step that is a host<->device synchronisation every step.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
 class Normalizer:
     """uint8 ``(n, c, h, w)`` -> float, scaled to [0, 1] and standardised per channel."""
 

@@ -5,7 +5,9 @@ with the evaluation seed, then score each method on exactly those episodes:
 
 * ``mtl``: SS-modulated backbone, inner loop from the meta-learned θ_0;
 * ``ft``: the same inner loop from zero on the plain pre-trained features;
-* ``protonet``: nearest class centroid on the pre-trained features.
+* ``protonet``: nearest class centroid on the pre-trained features;
+* ``ft-all``: the whole pre-trained backbone fine-tuned per task (first
+  ``eval.ft_all_episodes`` episodes only: it cannot embed once, so it is costly).
 
 Accuracy is the mean over episodes with a 95% confidence interval, in percent.
 """
@@ -26,8 +28,11 @@ from ..config import RunConfig
 from ..data import load_split
 from ..data.episodes import EpisodeSampler
 from ..errors import ConfigError, MTLError
-from ..evaluation import evaluate_all_ranks, mean_ci95
+from ..evaluation import episode_ids, evaluate_all_ranks, mean_ci95
+from ..finetune import evaluate_ft_all
 from ..learners import METHODS
+
+ALL_METHODS = (*METHODS, "ft-all")
 from ..runs import RunDir
 from .common import channels_last, make_embedder
 
@@ -72,9 +77,9 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
               pretrained_path: Path | None, show: bool = True) -> dict:
     """Evaluate every method on the same seeded episodes; write results.json / results.md."""
     ec = cfg.eval
-    unknown = [m for m in ec.methods if m not in METHODS]
+    unknown = [m for m in ec.methods if m not in ALL_METHODS]
     if unknown:
-        raise ConfigError(f"unknown method '{unknown[0]}'; choose from {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method '{unknown[0]}'; choose from {', '.join(ALL_METHODS)}")
     with distributed.local_main_first():
         split = load_split(cfg.data, split_name(cfg))
     models = load_models(meta_path, pretrained_path, ec.methods)
@@ -97,6 +102,14 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
                                      seed=ec.seed, name=split.name)
             for method in ec.methods:
                 info, backbone, head = models[method]
+                if method == "ft-all":
+                    count = min(ec.ft_all_episodes, ec.episodes)
+                    ids = episode_ids(count, distributed.rank(), distributed.world_size())
+                    acc = distributed.gather_by_index(ids, evaluate_ft_all(
+                        backbone, split, sampler, ids, device, ec.ft_all_steps, ec.ft_all_lr),
+                        count)
+                    rows.append(result_row(method, ways, shots, ec.queries, acc))
+                    continue
                 if head is not None:
                     head = (head[0].to(device), head[1].to(device))
                 # each process runs its share of the episodes; all of them are gathered
@@ -105,11 +118,7 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
                                          episode_batch=ec.episode_batch,
                                          cache=caches[id(backbone)],
                                          progress=show and run.is_main)
-                mean, ci = mean_ci95(acc)
-                rows.append({"method": method, "ways": ways, "shots": shots,
-                             "queries": ec.queries, "episodes": int(len(acc)),
-                             "accuracy": round(mean, 2), "ci95": round(ci, 2)})
-                log.info("%s %d-way %d-shot: %.2f%% ± %.2f", method, ways, shots, mean, ci)
+                rows.append(result_row(method, ways, shots, ec.queries, acc))
     results = {
         "dataset": cfg.data.name,
         "split": split_name(cfg),
@@ -127,6 +136,13 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
     if run.is_main:
         write_results(run.path, results)
     return results
+
+
+def result_row(method: str, ways: int, shots: int, queries: int, acc) -> dict:
+    mean, ci = mean_ci95(acc)
+    log.info("%s %d-way %d-shot: %.2f%% ± %.2f", method, ways, shots, mean, ci)
+    return {"method": method, "ways": ways, "shots": shots, "queries": queries,
+            "episodes": int(len(acc)), "accuracy": round(mean, 2), "ci95": round(ci, 2)}
 
 
 def training_sizes(cfg: RunConfig) -> dict:
