@@ -90,7 +90,7 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
             backbone = backbone.to(device).eval()
             if channels_last(cfg, device):
                 backbone = backbone.to(memory_format=torch.channels_last)
-            norm = info.feature_norm if method == "mtl" else "none"
+            norm = info.feature_norm  # the same features the inner loop was tuned for
             embedders[key] = make_embedder(cfg, backbone, split, device, norm)
             caches[key] = {}
     rows = []
