@@ -27,7 +27,8 @@ def autocast(enabled: bool, device: torch.device):
 
 
 def channels_last(cfg: RunConfig, device: torch.device) -> bool:
-    return cfg.channels_last and device.type == "cuda"
+    """NHWC activations: faster convolutions on CUDA and with oneDNN on CPU."""
+    return cfg.channels_last
 
 
 def new_backbone(cfg: RunConfig, in_channels: int, device: torch.device) -> nn.Module:

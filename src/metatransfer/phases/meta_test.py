@@ -31,12 +31,11 @@ from ..errors import ConfigError, MTLError
 from ..evaluation import episode_ids, evaluate_all_ranks, mean_ci95
 from ..finetune import evaluate_ft_all
 from ..learners import METHODS
-
-ALL_METHODS = (*METHODS, "ft-all")
 from ..runs import RunDir
 from .common import channels_last, make_embedder
 
 log = logging.getLogger(__name__)
+ALL_METHODS = (*METHODS, "ft-all")
 
 
 def split_name(cfg: RunConfig) -> str:
@@ -84,7 +83,7 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
         split = load_split(cfg.data, split_name(cfg))
     models = load_models(meta_path, pretrained_path, ec.methods)
     embedders, caches = {}, {}
-    for method, (info, backbone, _) in models.items():
+    for info, backbone, _ in models.values():
         key = id(backbone)
         if key not in embedders:
             backbone = backbone.to(device).eval()

@@ -30,7 +30,7 @@ from ..config import RunConfig
 from ..data import load_split
 from ..data.base import ImageSplit
 from ..data.episodes import EpisodeBatch, EpisodeSampler, failure_classes, hard_tasks
-from ..data.transforms import Normalizer, gather_uint8
+from ..data.transforms import Normalizer, gather_uint8, to_device
 from ..errors import CheckpointError, MTLError
 from ..learners import adapt, linear_logits, normalize_features
 from ..models.ss import enable_ss
@@ -95,8 +95,8 @@ def task_losses(
     feats = normalize_features(feats.float(), mc.feature_norm)
     support = feats[: tasks * n_support].view(tasks, n_support, -1)
     query = feats[tasks * n_support:].view(tasks, batch.query.shape[1], -1)
-    support_labels = torch.as_tensor(batch.support_labels(), device=device).expand(tasks, -1)
-    query_labels = torch.as_tensor(batch.query_labels(), device=device).expand(tasks, -1)
+    support_labels = to_device(batch.support_labels(), device).expand(tasks, -1)
+    query_labels = to_device(batch.query_labels(), device).expand(tasks, -1)
     weight, bias = adapt(learner.weight0, learner.bias0, support, support_labels, batch.ways,
                          mc.inner_steps, mc.inner_lr, first_order=mc.first_order)
     logits = linear_logits(weight, bias, query)
@@ -120,7 +120,7 @@ def task_share(
         return zero, zero.detach(), torch.zeros((0, batch.query.shape[1]), dtype=torch.long,
                                                 device=device)
     losses, pred = task_losses(learner, split, batch, cfg, normalizer, device)
-    labels = torch.as_tensor(batch.query_labels(), device=device)
+    labels = to_device(batch.query_labels(), device)
     return losses.sum(), (pred == labels).sum().float(), pred
 
 

@@ -21,7 +21,7 @@ from .. import distributed
 from ..checkpoints import ModelInfo, save_model
 from ..config import RunConfig
 from ..data import load_split
-from ..data.transforms import Normalizer, augment_batch, augmentation, gather_uint8
+from ..data.transforms import Normalizer, augment_batch, augmentation, gather_uint8, to_device
 from ..errors import ConfigError
 from ..runs import (
     CheckpointSchedule,
@@ -164,7 +164,7 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
         for step in bar:
             batch = order[step * batch_size:(step + 1) * batch_size]
             indices = distributed.shard(batch)
-            labels = torch.as_tensor(train.labels[indices], device=device)
+            labels = to_device(train.labels[indices], device)
             images = augment_batch(gather_uint8(train, indices, device), transform)
             images = normalizer(images)
             if cl:
