@@ -80,8 +80,8 @@ class PretrainConfig:
 class MetaConfig:
     """Phase 2: meta-transfer learning of SS and theta_0, with hard tasks."""
 
-    epochs: int = 10
-    episodes_per_epoch: int = 100  # meta-batches per epoch
+    epochs: int = 6
+    episodes_per_epoch: int = 50  # meta-batches per epoch
     ways: int = 5
     shots: int = 1
     queries: int = 15
