@@ -190,7 +190,8 @@ def test_omniglot_lake_splits_105px(tmp_path):
 
 def test_omniglot_rotations_make_four_classes(tmp_path):
     make_omniglot(tmp_path / "o", np.random.default_rng(2), size=28)
-    data = load_split(cfg_for("omniglot", tmp_path / "o", tmp_path, rotations=True), "test")
+    cfg = cfg_for("omniglot", tmp_path / "o", tmp_path, rotations=True, train_split="test")
+    data = load_split(cfg, "test")
     assert data.class_names == [f"Tengwar/character01/rot{d:03d}" for d in (0, 90, 180, 270)]
     assert data.images.shape == (8, 28, 28, 1)
     for k in range(4):
@@ -198,6 +199,9 @@ def test_omniglot_rotations_make_four_classes(tmp_path):
         assert len(rows) == 2
         np.testing.assert_array_equal(data.images[rows[1]],
                                       np.rot90(data.images[data.indices_by_class[0][1]], k))
+    # evaluation splits keep the characters as drawn
+    plain = load_split(cfg_for("omniglot", tmp_path / "o", tmp_path, rotations=True), "test")
+    assert plain.class_names == ["Tengwar/character01"]
 
 
 def test_omniglot_vinyals_val_list(tmp_path):

@@ -15,7 +15,9 @@ Split schemes (``data.split_scheme``):
   characters), drawn from both folders.
 
 ``data.rotations=true`` adds each character rotated by 90, 180 and 270 degrees as three
-new classes (``.../rot090`` etc.), the MAML/ProtoNet protocol.
+new classes (``.../rot090`` etc.), as in the MAML/ProtoNet protocol, to the *training*
+split only (``data.train_split``): more base classes for pre-training, while validation and
+test episodes use the characters as drawn, like any new alphabet a user brings.
 
 Ink: the files are black ink on white; we invert them so ink is bright (255) on a dark
 (0) background. Zero is then "no stroke", which is what the zero padding of crops and
@@ -122,7 +124,7 @@ def load(cfg: DataConfig, split: str) -> ImageSplit:
     root = require_root("omniglot", cfg.root, LAYOUT)
     classes = _lake(root, split) if cfg.split_scheme == "lake" else _vinyals(root, split)
     paths, labels, names = flatten(classes)
-    rotate = bool(cfg.rotations)
+    rotate = bool(cfg.rotations) and split == cfg.train_split
     return load_image_files(
         dataset="omniglot", split=split, paths=paths, labels=labels,
         class_names=names, size=cfg.image_size or DEFAULT_SIZE, channels=1, mean=MEAN, std=STD,
