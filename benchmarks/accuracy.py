@@ -44,7 +44,7 @@ def with_overrides(cfg, items: dict):
     return cfg
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", required=True)
     parser.add_argument("--out", required=True)
@@ -53,7 +53,7 @@ def main() -> None:
                         help=f"comma-separated MTL variants (of {', '.join(VARIANTS)})")
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help="comma-separated baseline methods (protonet, ft, ft-all)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     out = Path(args.out)
@@ -105,7 +105,7 @@ def main() -> None:
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     table = results_table(results)
-    command = " ".join(["python", "benchmarks/accuracy.py", *sys.argv[1:]])
+    command = " ".join(["python", "benchmarks/accuracy.py", *(argv or sys.argv[1:])])
     (out / "results.md").write_text(
         f"# {args.preset}: {cfg.data.name} ({results['split']} split)\n\n"
         f"`{command}`\n\nMachine: {results['machine']}; training time "

@@ -70,3 +70,30 @@ def test_gpu_script_cpu_fallback(tmp_path):
     records = json_lines((tmp_path / "gpu_results.jsonl").read_text())
     assert records[0]["measure"] == "machine" and records[0]["device"] == "cpu"
     assert any(r["measure"] == "pretrain" for r in records)
+
+
+def test_accuracy_benchmark_and_report(tmp_path, capsys):
+    from conftest import tiny_overrides
+
+    out = tmp_path / "bench"
+    args = ["--preset", "glyphs-conv4", "--out", str(out), "--variants", "mtl+ht,mtl-last",
+            "--baselines", "protonet,ft,ft-all", "--set", "eval.ft_all_episodes=3",
+            "--set", "eval.ft_all_steps=2", "--set", "eval.shots=[1]"]
+    for item in tiny_overrides(out / "unused"):
+        if not item.startswith(("out=", "eval.shots")):
+            args += ["--set", item]
+    load("accuracy").main(args)
+    results = json.loads((out / "results.json").read_text())
+    methods = [r["method"] for r in results["results"]]
+    assert methods == ["protonet", "ft", "ft-all", "mtl+ht", "mtl-last"]
+    assert results["variants"]["mtl-last"] == {"model.ss_scope": "last", "meta.ht": "off"}
+    for name in ("results.md", "learning_curves.png", "accuracy.png"):
+        assert (out / name).stat().st_size > 0
+    rows = json_lines(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == methods
+    # `mtl report` renders the same plots from any run directory
+    from metatransfer.cli import main
+
+    (out / "accuracy.png").unlink()
+    main(["report", str(out)])
+    assert (out / "accuracy.png").is_file()

@@ -85,7 +85,8 @@ def plot_accuracy(results: dict, out: Path) -> Path | None:
     ax.set_ylabel("accuracy (%), 95% CI")
     ax.set_title(f"{results.get('dataset', '')} ({results.get('split', '')} split)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=min(len(methods), 4))
+    ax.legend(fontsize=8, ncol=min(len(methods), 7), loc="upper center",
+              bbox_to_anchor=(0.5, -0.1), frameon=False)
     fig.tight_layout()
     path = out / "accuracy.png"
     fig.savefig(path, dpi=110)

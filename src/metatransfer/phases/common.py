@@ -34,8 +34,17 @@ def channels_last(cfg: RunConfig, device: torch.device) -> bool:
 def new_backbone(cfg: RunConfig, in_channels: int, device: torch.device) -> nn.Module:
     model = create_backbone(cfg.model.backbone, in_channels=in_channels,
                             **cfg.model.backbone_args).to(device)
+    return prepare_backbone(cfg, model, device)
+
+
+def prepare_backbone(cfg: RunConfig, model: nn.Module, device: torch.device) -> nn.Module:
+    """Device placement, memory format and optional ``torch.compile`` (in place, so the
+    state-dict keys and checkpoints stay those of the plain module)."""
+    model = model.to(device)
     if channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.compile()
     return model
 
 

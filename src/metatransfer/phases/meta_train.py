@@ -200,6 +200,8 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
         backbone = backbone.to(memory_format=torch.channels_last)
     learner = MetaLearner(backbone, mc.ways, cfg.model.ss_granularity, cfg.model.ss_scope,
                           cfg.model.ss_bn_affine).to(device)
+    if cfg.compile:  # after SS exists, in place: checkpoint keys stay those of the module
+        backbone.compile()
     optimizer = torch.optim.Adam([
         {"params": learner.ss_params, "lr": mc.lr_ss},
         {"params": [learner.weight0, learner.bias0], "lr": mc.lr_head},
