@@ -79,8 +79,8 @@ def task_losses(
     normalizer: Normalizer,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query losses ``(T,)`` of a batch of tasks, and their query accuracy per task ``(T,)``
-    and predictions ``(T, n_query)`` (on the device: no host sync unless HT needs it).
+    """Query losses ``(T,)`` of a batch of tasks and their query predictions
+    ``(T, n_query)`` (on the device: no host sync unless HT needs it).
 
     All tasks' support and query images go through one backbone forward pass.
     """
