@@ -55,7 +55,7 @@ def test_meta_step_updates_only_ss_and_theta0(ht, bn_affine):
 def test_meta_batch_goes_through_one_backbone_pass():
     split = make_toy_split("train")
     cfg = load_config(overrides=["meta.inner_steps=2", "meta.queries=3", "meta.ht=off",
-                                 "meta.meta_batch=4"])
+                                 "meta.meta_batch=4", "meta.forward_chunk=0"])
     backbone = create_backbone("conv4", in_channels=1, width=8)
     learner = MetaLearner(backbone, 5, "kernel", "all", False)
     calls = []
@@ -66,3 +66,27 @@ def test_meta_batch_goes_through_one_backbone_pass():
               torch.device("cpu"))
     assert calls == [4 * 5 * (1 + 3)]
     assert np.isfinite(calls[0])
+
+
+def test_chunked_forward_gives_the_same_meta_gradient():
+    split = make_toy_split("train")
+    grads = []
+    for chunk in (0, 7):
+        torch.manual_seed(0)
+        cfg = load_config(overrides=["meta.inner_steps=3", "meta.queries=3", "meta.ht=resample",
+                                     f"meta.forward_chunk={chunk}"])
+        learner = MetaLearner(create_backbone("conv4", in_channels=1, width=8), 5, "kernel",
+                              "all", False)
+        learner.train(False)  # BN in eval mode, as meta-training runs it by default
+        sampler = EpisodeSampler(split.indices_by_class, 5, 1, 3, seed=0)
+        calls: list[int] = []
+        learner.backbone.register_forward_hook(
+            lambda m, i, o, calls=calls: calls.append(i[0].shape[0]))
+        loss, _ = meta_step(learner, split, sampler, 0, cfg,
+                            Normalizer(split.mean, split.std, torch.device("cpu")),
+                            torch.device("cpu"))
+        loss.backward()
+        assert max(calls) <= (chunk or 10**6)
+        grads.append([p.grad.clone() for p in learner.ss_params] + [learner.weight0.grad])
+    for plain, chunked in zip(*grads, strict=True):
+        torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)

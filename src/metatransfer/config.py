@@ -96,6 +96,9 @@ class MetaConfig:
     step_size: int = 10
     gamma: float = 0.5
     bn_mode: Literal["eval", "train"] = "eval"
+    # images per backbone call: -1 = auto (16 on CPU with BN in eval mode, else all at once),
+    # 0 = all of a meta-batch at once, N = chunks of N (same result when BN is in eval mode)
+    forward_chunk: int = -1
     feature_norm: Literal["none", "l2"] = "none"
     val_episodes: int = 200
     grad_clip: float = 0.0  # 0 = off
@@ -356,6 +359,12 @@ def validate(cfg: RunConfig) -> None:
     for value in cfg.eval.shots:
         if value < 1:
             raise ConfigError(f"'eval.shots' must be at least 1, got {value}")
+    if cfg.meta.forward_chunk < -1:
+        raise ConfigError(f"'meta.forward_chunk' must be -1 (auto), 0 or positive, got "
+                          f"{cfg.meta.forward_chunk}")
+    if cfg.meta.forward_chunk > 0 and cfg.meta.bn_mode == "train":
+        raise ConfigError("'meta.forward_chunk' > 0 would split BatchNorm batch statistics; "
+                          "use it with meta.bn_mode=eval, or set meta.forward_chunk=0")
     if cfg.meta.ways < 2:
         raise ConfigError(f"'meta.ways' must be at least 2, got {cfg.meta.ways}")
     if not 0 <= cfg.pretrain.gamma <= 1 or not 0 <= cfg.meta.gamma <= 1:

@@ -71,6 +71,19 @@ class MetaLearner(nn.Module):
         return {"weight": self.weight0, "bias": self.bias0}
 
 
+def forward_chunk(cfg: RunConfig, device: torch.device) -> int:
+    """Images per backbone call (0 = all at once).
+
+    On CPU, convolution backward over a whole meta-batch (80+ images) falls out of the
+    caches: chunks of 16 ran 1.3-1.4x faster for resnet12 at 84x84 (fwd+bwd of 80 images,
+    5.1-5.7 s vs 3.9-4.1 s) with identical results, since BN in eval mode treats images
+    independently. A GPU wants the one big pass.
+    """
+    if cfg.meta.forward_chunk >= 0:
+        return cfg.meta.forward_chunk
+    return 16 if device.type == "cpu" and cfg.meta.bn_mode == "eval" else 0
+
+
 def task_losses(
     learner: MetaLearner,
     split: ImageSplit,
@@ -82,7 +95,8 @@ def task_losses(
     """Query losses ``(T,)`` of a batch of tasks and their query predictions
     ``(T, n_query)`` (on the device: no host sync unless HT needs it).
 
-    All tasks' support and query images go through one backbone forward pass.
+    All tasks' support and query images go through one backbone forward pass (in chunks
+    on CPU, see :func:`forward_chunk`).
     """
     mc = cfg.meta
     tasks, n_support = batch.support.shape
@@ -90,8 +104,12 @@ def task_losses(
     images = normalizer(gather_uint8(split, indices, device))
     if channels_last(cfg, device):
         images = images.contiguous(memory_format=torch.channels_last)
+    chunk = forward_chunk(cfg, device)
     with autocast(use_amp(cfg, device), device):
-        feats = learner.backbone(images)
+        if 0 < chunk < len(images):
+            feats = torch.cat([learner.backbone(part) for part in images.split(chunk)])
+        else:
+            feats = learner.backbone(images)
     feats = normalize_features(feats.float(), mc.feature_norm)
     support = feats[: tasks * n_support].view(tasks, n_support, -1)
     query = feats[tasks * n_support:].view(tasks, batch.query.shape[1], -1)
