@@ -26,6 +26,16 @@ from .backbones import conv3x3, register_backbone
 from .ss import SSConv2d
 
 
+def init_weights(model: nn.Module, nonlinearity: str) -> None:
+    """He init for convs (fan-out, as in the source projects), identity BN."""
+    for m in model.modules():
+        if isinstance(m, SSConv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity=nonlinearity)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class DropBlock(nn.Module):
     """DropBlock (Ghiasi et al., NeurIPS 2018): drop whole ``block_size`` squares of a map.
 
@@ -126,12 +136,7 @@ class _ResNet12Base(nn.Module):
             prev = width
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = widths[-1]
-        for m in self.modules():
-            if isinstance(m, SSConv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self, "leaky_relu")
 
     def stages(self) -> list[nn.Module]:
         return [getattr(self, f"layer{i + 1}") for i in range(self.n_stages)]
@@ -237,12 +242,7 @@ class ResNet25(nn.Module):
         self.n_stages = len(widths)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = widths[-1]
-        for m in self.modules():
-            if isinstance(m, SSConv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self, "relu")
 
     def stages(self) -> list[nn.Module]:
         return [getattr(self, f"layer{i + 1}") for i in range(self.n_stages)]
