@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     enable_ss(backbone)  # the meta-trained network evaluated by `mtl`
     d = backbone.out_dim
     head = (torch.zeros(5, d, device=device), torch.zeros(5, device=device))
-    embedder = Embedder(backbone, Normalizer(split.mean, split.std, device), device, amp=amp,
-                        channels_last=amp)
+    embedder = Embedder(backbone, Normalizer(split.mean, split.std, device, channels_last=amp),
+                        device, amp=amp)
     samplers = [EpisodeSampler(split.indices_by_class, 5, s, args.queries, seed=1234,
                                name=split.name) for s in args.shots]
     base = {"dataset": f"{args.dataset}/{args.split}", "images": len(split),

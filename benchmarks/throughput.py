@@ -464,8 +464,9 @@ class Bench:
         backbone = self.new_backbone()
         learner = MetaLearner(backbone, 5, "kernel", "all", False).to(device)
         head = (learner.weight0.detach(), learner.bias0.detach())
-        embedder = Embedder(self.maybe_compile(learner.backbone), self.normalizer, device,
-                            amp=self.amp, channels_last=self.cl)
+        normalizer = Normalizer(self.split.mean, self.split.std, device, channels_last=self.cl)
+        embedder = Embedder(self.maybe_compile(learner.backbone), normalizer, device,
+                            amp=self.amp)
         embed_batch = 16 if self.heavy else 256
         idx = np.arange(min(embed_batch, len(self.split)))
         embedder.embed(self.split, idx[:2])

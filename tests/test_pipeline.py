@@ -10,6 +10,14 @@ from conftest import tiny_overrides
 from metatransfer.cli import main
 
 
+def tiny_command(command: str, out) -> list[str]:
+    """``mtl COMMAND`` arguments for a seconds-long run on the toy dataset."""
+    args = [command, "--quiet"]
+    for item in tiny_overrides(out):
+        args += ["--set", item]
+    return args
+
+
 def run_cli(args):
     try:
         main(args)
@@ -19,9 +27,7 @@ def run_cli(args):
 
 def test_tiny_run_writes_results(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["run", "--quiet"]
-    for item in tiny_overrides(out):
-        args += ["--set", item]
+    args = tiny_command("run", out)
     run_cli(args)
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"] == "toy"
@@ -42,9 +48,7 @@ def test_tiny_run_writes_results(tmp_path, capsys):
 
 def test_rerun_into_existing_run_dir_asks_for_resume(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["pretrain", "--quiet"]
-    for item in tiny_overrides(out):
-        args += ["--set", item]
+    args = tiny_command("pretrain", out)
     run_cli(args)
     with pytest.raises(SystemExit) as exc:
         main(args)
@@ -54,9 +58,7 @@ def test_rerun_into_existing_run_dir_asks_for_resume(tmp_path, capsys):
 
 def test_meta_test_methods_share_episodes_and_ft_all_runs(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["run", "--quiet"]
-    for item in tiny_overrides(out):
-        args += ["--set", item]
+    args = tiny_command("run", out)
     run_cli(args)
     args = ["meta-test", "--quiet", "--checkpoint", str(out), "--method", "mtl,ft-all,protonet",
             "--episodes", "6", "--set", "eval.ft_all_steps=3", "--set", "eval.shots=[1]"]

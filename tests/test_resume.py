@@ -31,6 +31,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
+import metatransfer.phases.common as common_mod
 import metatransfer.phases.meta_train as meta_mod
 import metatransfer.phases.pretrain as pretrain_mod
 from metatransfer.cli import main
@@ -331,8 +332,8 @@ class NaNOnCall(Normalizer):
 @pytest.fixture
 def nan_batch(monkeypatch):
     NaNOnCall.calls = 0
-    monkeypatch.setattr(pretrain_mod, "Normalizer", NaNOnCall)
-    monkeypatch.setattr(meta_mod, "Normalizer", NaNOnCall)
+    # both phases build their training normaliser through phases.common
+    monkeypatch.setattr(common_mod, "Normalizer", NaNOnCall)
     return NaNOnCall
 
 

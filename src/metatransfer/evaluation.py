@@ -32,7 +32,6 @@ class Embedder:
     normalizer: Normalizer
     device: torch.device
     amp: bool = False
-    channels_last: bool = False
     feature_norm: str = "none"
 
     def autocast(self):
@@ -51,8 +50,6 @@ class Embedder:
         for start in tqdm(chunks, desc="embed", disable=not progress, leave=False):
             images = self.normalizer(gather_uint8(split, indices[start:start + batch_size],
                                                   self.device))
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
             with self.autocast():
                 out.append(self.backbone(images).float())
         self.backbone.train(was_training)
@@ -99,8 +96,8 @@ def evaluate(
         return np.zeros(0)
     batch = EpisodeBatch.concat([sampler.episode(int(i)) for i in ids])
     feats, row_of = _embed_needed(embedder, split, batch, cache, progress)
-    support_labels = torch.as_tensor(batch.support_labels(), device=embedder.device)
-    query_labels = torch.as_tensor(batch.query_labels(), device=embedder.device)
+    support_labels = to_device(batch.support_labels(), embedder.device)
+    query_labels = to_device(batch.query_labels(), embedder.device)
     ways = batch.ways
     # feature rows of every episode, moved to the device in one transfer (no per-chunk sync)
     support_rows = to_device(row_of[batch.support], feats.device)

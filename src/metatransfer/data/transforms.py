@@ -16,10 +16,7 @@ from .base import ImageSplit
 
 def gather_uint8(split: ImageSplit, indices: np.ndarray, device: torch.device) -> torch.Tensor:
     """``(n, c, h, w)`` uint8 on ``device``, through pinned memory when it is CUDA."""
-    batch = torch.from_numpy(np.ascontiguousarray(split.images[indices])).permute(0, 3, 1, 2)
-    if device.type == "cuda":
-        return batch.contiguous().pin_memory().to(device, non_blocking=True)
-    return batch.contiguous()
+    return to_device(split.images[indices], device).permute(0, 3, 1, 2).contiguous()
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -35,15 +32,20 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 class Normalizer:
-    """uint8 ``(n, c, h, w)`` -> float, scaled to [0, 1] and standardised per channel."""
+    """uint8 ``(n, c, h, w)`` -> float, scaled to [0, 1] and standardised per channel.
 
-    def __init__(self, mean, std, device: torch.device) -> None:
+    The last step before the backbone, so it also sets the memory format the backbone
+    runs in (``channels_last``), in one place for every phase.
+    """
+
+    def __init__(self, mean, std, device: torch.device, channels_last: bool = False) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.inv_std = 1.0 / torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float().mul_(1.0 / 255.0)
-        return x.sub_(self.mean).mul_(self.inv_std)
+        return x.sub_(self.mean).mul_(self.inv_std).contiguous(memory_format=self.memory_format)
 
 
 def augmentation(kind: str, image_size: tuple[int, int], channels: int) -> v2.Transform | None:

@@ -50,9 +50,12 @@ def prepare_backbone(cfg: RunConfig, model: nn.Module, device: torch.device) -> 
 
 def make_embedder(cfg: RunConfig, backbone: nn.Module, split: ImageSplit,
                   device: torch.device, feature_norm: str = "none") -> Embedder:
-    return Embedder(backbone, Normalizer(split.mean, split.std, device), device,
-                    amp=use_amp(cfg, device), channels_last=channels_last(cfg, device),
-                    feature_norm=feature_norm)
+    return Embedder(backbone, make_normalizer(cfg, split, device), device,
+                    amp=use_amp(cfg, device), feature_norm=feature_norm)
+
+
+def make_normalizer(cfg: RunConfig, split: ImageSplit, device: torch.device) -> Normalizer:
+    return Normalizer(split.mean, split.std, device, channels_last(cfg, device))
 
 
 def progress(iterable, enabled: bool = True, **kwargs):

@@ -32,7 +32,7 @@ from ..evaluation import episode_ids, evaluate_all_ranks, mean_ci95
 from ..finetune import evaluate_ft_all
 from ..learners import METHODS
 from ..runs import RunDir
-from .common import channels_last, make_embedder
+from .common import make_embedder, prepare_backbone
 
 log = logging.getLogger(__name__)
 ALL_METHODS = (*METHODS, "ft-all")
@@ -86,9 +86,7 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
     for info, backbone, _ in models.values():
         key = id(backbone)
         if key not in embedders:
-            backbone = backbone.to(device).eval()
-            if channels_last(cfg, device):
-                backbone = backbone.to(memory_format=torch.channels_last)
+            prepare_backbone(cfg, backbone, device).eval()
             norm = info.feature_norm  # the same features the inner loop was tuned for
             embedders[key] = make_embedder(cfg, backbone, split, device, norm)
             caches[key] = {}

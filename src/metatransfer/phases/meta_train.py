@@ -46,7 +46,15 @@ from ..runs import (
     set_rng_state,
     stop_request,
 )
-from .common import autocast, channels_last, make_embedder, progress, use_amp, validation_accuracy
+from .common import (
+    autocast,
+    make_embedder,
+    make_normalizer,
+    prepare_backbone,
+    progress,
+    use_amp,
+    validation_accuracy,
+)
 from .pretrain import model_info
 
 log = logging.getLogger(__name__)
@@ -102,8 +110,6 @@ def task_losses(
     tasks, n_support = batch.support.shape
     indices = np.concatenate([batch.support.ravel(), batch.query.ravel()])
     images = normalizer(gather_uint8(split, indices, device))
-    if channels_last(cfg, device):
-        images = images.contiguous(memory_format=torch.channels_last)
     chunk = forward_chunk(cfg, device)
     with autocast(use_amp(cfg, device), device):
         if 0 < chunk < len(images):
@@ -213,13 +219,9 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
     if info.in_channels != train.channels:
         raise MTLError(f"{pretrained} expects {info.in_channels}-channel images but "
                        f"{train.name} has {train.channels}; pre-train on this dataset")
-    backbone = backbone.to(device)
-    if channels_last(cfg, device):
-        backbone = backbone.to(memory_format=torch.channels_last)
-    learner = MetaLearner(backbone, mc.ways, cfg.model.ss_granularity, cfg.model.ss_scope,
-                          cfg.model.ss_bn_affine).to(device)
-    if cfg.compile:  # after SS exists, in place: checkpoint keys stay those of the module
-        backbone.compile()
+    learner = MetaLearner(backbone.to(device), mc.ways, cfg.model.ss_granularity,
+                          cfg.model.ss_scope, cfg.model.ss_bn_affine).to(device)
+    prepare_backbone(cfg, backbone, device)  # after SS exists, so compile traces it
     optimizer = torch.optim.Adam([
         {"params": learner.ss_params, "lr": mc.lr_ss},
         {"params": [learner.weight0, learner.bias0], "lr": mc.lr_head},
@@ -241,7 +243,7 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
         log.info("meta-training on %d processes: meta-batch %d + %d hard tasks split across "
                  "them, lr_ss %g, lr_head %g", world, mc.meta_batch,
                  mc.ht_tasks if mc.ht != "off" else 0, mc.lr_ss, mc.lr_head)
-    normalizer = Normalizer(train.mean, train.std, device)
+    normalizer = make_normalizer(cfg, train, device)
     embedder = make_embedder(cfg, backbone, val, device, mc.feature_norm)
     bn_train = mc.bn_mode == "train"
     meta_info = model_info(cfg, train, backbone, "meta")

@@ -21,7 +21,7 @@ from .. import distributed
 from ..checkpoints import ModelInfo, save_model
 from ..config import RunConfig
 from ..data import load_split
-from ..data.transforms import Normalizer, augment_batch, augmentation, gather_uint8, to_device
+from ..data.transforms import augment_batch, augmentation, gather_uint8, to_device
 from ..errors import ConfigError
 from ..runs import (
     CheckpointSchedule,
@@ -37,8 +37,8 @@ from ..runs import (
 )
 from .common import (
     autocast,
-    channels_last,
     make_embedder,
+    make_normalizer,
     new_backbone,
     progress,
     use_amp,
@@ -127,9 +127,9 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
     if world > 1:
         log.info("pre-training on %d processes: global batch %d (%d per process), lr %g",
                  world, batch_size, math.ceil(batch_size / world), pc.lr)
-    normalizer = Normalizer(train.mean, train.std, device)
+    normalizer = make_normalizer(cfg, train, device)
     transform = augmentation(cfg.data.augment, train.image_size, train.channels)
-    amp, cl = use_amp(cfg, device), channels_last(cfg, device)
+    amp = use_amp(cfg, device)
     embedder = make_embedder(cfg, backbone, val, device)
 
     guard = FiniteGuard(cfg.nan_policy, "pre-training", device,
@@ -167,8 +167,6 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
             labels = to_device(train.labels[indices], device)
             images = augment_batch(gather_uint8(train, indices, device), transform)
             images = normalizer(images)
-            if cl:
-                images = images.contiguous(memory_format=torch.channels_last)
             guard.protect(backbone, head)
             with autocast(amp, device):
                 logits = model(images)
