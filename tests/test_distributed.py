@@ -67,8 +67,11 @@ def pretrain_cfg(out: Path):
 
 
 META_VARIANTS = {
-    "meta": ["meta.meta_batch=3", "meta.ht=resample", "meta.ht_tasks=3"],  # uneven shares
-    "meta_one": ["meta.meta_batch=1", "meta.ht=reuse", "meta.ht_tasks=1"],  # rank 1 idle
+    # uneven shares; θ_0 learned, so its gradient is checked across ranks too
+    "meta": ["meta.meta_batch=3", "meta.ht=resample", "meta.ht_tasks=3",
+             "meta.head_init=learned"],
+    "meta_one": ["meta.meta_batch=1", "meta.ht=reuse", "meta.ht_tasks=1",  # rank 1 idle
+                 "meta.head_init=learned"],
 }
 
 

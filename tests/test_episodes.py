@@ -8,6 +8,7 @@ import pytest
 from metatransfer.data.episodes import (
     EpisodeBatch,
     EpisodeSampler,
+    completion_order,
     failure_classes,
     hard_tasks,
     per_class_accuracy,
@@ -63,7 +64,10 @@ def test_hard_tasks_contain_the_failure_classes(variant):
     batch = sampler.batch(0, 3)
     failures = np.array([0, 4, 2])
     failed = {int(batch.classes[t, f]) for t, f in enumerate(failures)}
-    hard = hard_tasks(batch, failures, 2, variant, sampler, np.random.default_rng(0))
+    pred = np.broadcast_to(batch.query_labels(), (3, 15)).copy()
+    for t, f in enumerate(failures):  # the failure class's queries all go wrong
+        pred[t, batch.query_labels() == f] = (f + 1) % 5
+    hard = hard_tasks(batch, pred, 2, variant, sampler, np.random.default_rng(0))
     assert hard.classes.shape == (2, 5) and hard.support.shape == (2, 10)
     for t in range(2):
         assert failed <= set(hard.classes[t].tolist())
@@ -81,6 +85,30 @@ def test_hard_tasks_contain_the_failure_classes(variant):
 
 def test_hard_tasks_off_is_empty():
     sampler = EpisodeSampler(BY_CLASS, 5, 1, 2, seed=1)
-    hard = hard_tasks(sampler.batch(0, 2), np.array([0, 1]), 1, "off", sampler,
+    hard = hard_tasks(sampler.batch(0, 2), np.zeros((2, 10), np.int64), 1, "off", sampler,
                       np.random.default_rng(0))
     assert isinstance(hard, EpisodeBatch) and hard.tasks == 0
+
+
+def test_hard_tasks_are_completed_with_the_most_confused_classes():
+    """Two 5-way tasks give 2 failure classes; the other 3 slots go to the classes the
+    base learner confused with them (both directions), then to the least accurate ones,
+    never to random classes."""
+    sampler = EpisodeSampler(BY_CLASS, 5, 1, 2, seed=3)
+    classes = np.array([[6, 1, 8, 3, 0], [2, 9, 4, 7, 5]])  # two tasks, no class shared
+    batch = EpisodeBatch(classes, np.array([[BY_CLASS[k][0] for k in row] for row in classes]),
+                         np.array([[i for k in row for i in BY_CLASS[k][1:3]]
+                                   for row in classes]))
+    labels = np.broadcast_to(batch.query_labels(), (2, 10))
+    pred = labels.copy()
+    pred[0, [0, 1]] = [3, 3]  # task 0: class 0 always taken for class 3
+    pred[1, [2, 3]] = [4, 2]  # task 1: class 1 taken for class 4 once, for class 2 once
+    pred[1, [8]] = [0]        # task 1: class 4 once taken for class 0 (not the failure)
+    c = batch.classes
+    order = completion_order(batch, pred)
+    # confused twice, then once each (ties: the less accurate class first)
+    assert order[:3] == [int(c[0, 3]), int(c[1, 4]), int(c[1, 2])]
+    for variant in ("reuse", "resample"):
+        hard = hard_tasks(batch, pred, 1, variant, sampler, np.random.default_rng(0))
+        assert set(hard.classes[0].tolist()) == {int(c[0, 0]), int(c[1, 1]),  # failures
+                                                 int(c[0, 3]), int(c[1, 4]), int(c[1, 2])}

@@ -26,7 +26,7 @@ def test_meta_step_updates_only_ss_and_theta0(ht, bn_affine):
     backbone.eval()
     plain_out = backbone(x)
     frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
-    learner = MetaLearner(backbone, 5, "kernel", "all", bn_affine)
+    learner = MetaLearner(backbone, 5, "kernel", "all", bn_affine, head_init="learned")
     torch.testing.assert_close(backbone(x), plain_out, rtol=0, atol=0)  # SS = identity at init
     optimizer = torch.optim.Adam([{"params": learner.ss_params, "lr": 1e-2},
                                   {"params": [learner.weight0, learner.bias0], "lr": 1e-2}])
@@ -76,7 +76,7 @@ def test_chunked_forward_gives_the_same_meta_gradient():
         cfg = load_config(overrides=["meta.inner_steps=3", "meta.queries=3", "meta.ht=resample",
                                      f"meta.forward_chunk={chunk}"])
         learner = MetaLearner(create_backbone("conv4", in_channels=1, width=8), 5, "kernel",
-                              "all", False)
+                              "all", False, head_init="learned")
         learner.train(False)  # BN in eval mode, as meta-training runs it by default
         sampler = EpisodeSampler(split.indices_by_class, 5, 1, 3, seed=0)
         calls: list[int] = []

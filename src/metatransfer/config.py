@@ -41,6 +41,10 @@ class DataConfig:
     glyph_classes: int = 480  # glyphs: number of characters (classes)
     glyph_images: int = 30  # glyphs: images per character
     glyph_seed: int = 0  # glyphs: generation seed (independent of the run seed)
+    # share of the train split's classes that pre-training never sees and meta-training
+    # draws its episodes from (0 = both phases use every train class): SS then learns to
+    # adapt to classes the frozen backbone has not fitted, as it must at test time
+    meta_holdout: float = 0.0
 
 
 @dataclass
@@ -70,7 +74,7 @@ class PretrainConfig:
     label_smoothing: float = 0.0
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch
     grad_clip: float = 0.0  # max gradient norm; 0 = off
-    val_episodes: int = 200
+    val_episodes: int = 600  # selection episodes (val_seed stream): noise below the effects
     val_ways: int = 5
     val_shots: int = 1
     val_queries: int = 15
@@ -100,7 +104,13 @@ class MetaConfig:
     # 0 = all of a meta-batch at once, N = chunks of N (same result when BN is in eval mode)
     forward_chunk: int = -1
     feature_norm: Literal["none", "l2"] = "none"
-    val_episodes: int = 200
+    # theta_0: 'zero' (fixed; invariant to the episodes' random label order, the start of
+    # `ft` too) or 'learned' (the paper's N x D initialisation, meta-learned)
+    head_init: Literal["zero", "learned"] = "zero"
+    # L2 pull of the SS parameters toward the identity (scale 1, shift 0), added to the
+    # meta-loss: keeps SS from over-fitting the base classes
+    ss_decay: float = 0.0
+    val_episodes: int = 600  # selection episodes per epoch (eval.val_seed stream)
     grad_clip: float = 0.0  # 0 = off
 
 
@@ -116,6 +126,9 @@ class EvalConfig:
     inner_steps: int = 100
     inner_lr: float = 0.01
     seed: int = 1234  # episode seed, independent of the training seed
+    # seed of the validation episodes that select checkpoints during training: a stream of
+    # its own (see EpisodeSampler's stream), so selection never sees reported episodes
+    val_seed: int = 4321
     episode_batch: int = 200  # episodes adapted together in one batched inner loop
     ft_all_episodes: int = 100  # ft-all fine-tunes the backbone per episode: first N only
     ft_all_steps: int = 20
@@ -310,7 +323,7 @@ _NON_NEGATIVE = {
     "pretrain": ["epochs", "lr", "weight_decay", "step_size", "momentum", "label_smoothing",
                  "grad_clip"],
     "meta": ["epochs", "inner_steps", "inner_lr", "ht_tasks", "lr_ss", "lr_head", "step_size",
-             "grad_clip"],
+             "grad_clip", "ss_decay"],
     "eval": ["inner_steps", "inner_lr"],
     "": ["threads", "checkpoint_minutes", "checkpoint_every_steps"],
 }
@@ -367,6 +380,8 @@ def validate(cfg: RunConfig) -> None:
                           "use it with meta.bn_mode=eval, or set meta.forward_chunk=0")
     if cfg.meta.ways < 2:
         raise ConfigError(f"'meta.ways' must be at least 2, got {cfg.meta.ways}")
+    if not 0 <= cfg.data.meta_holdout < 1:
+        raise ConfigError(f"'data.meta_holdout' must lie in [0, 1), got {cfg.data.meta_holdout}")
     if not 0 <= cfg.pretrain.gamma <= 1 or not 0 <= cfg.meta.gamma <= 1:
         raise ConfigError("'gamma' (learning-rate decay) must lie in [0, 1]")
 

@@ -7,6 +7,8 @@ into float tensors with :func:`metatransfer.data.transforms.to_tensor_batch`.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -85,3 +87,47 @@ class ImageSplit:
                 f"{ways} classes, but only {enough} classes have that many (class '{small}' has "
                 f"{sizes.min()}); lower shots or queries"
             )
+
+
+# ------------------------------------------------------------------ class holdout
+
+_VARIANT = re.compile(r"/rot\d{3}$")  # Omniglot's rotated copies belong to one character
+_HOLDOUT_SEED = 20190616  # fixed: the held-out classes are a property of the data, not the run
+
+
+def held_out_mask(class_names: list[str], share: float) -> np.ndarray:
+    """``(num_classes,)`` bool: the classes set apart for meta-training.
+
+    ``round(share * groups)`` groups of classes, chosen by a fixed seed, where a group is
+    a class with its rotated copies (so pre-training never sees any view of a held-out
+    character). At least one group is held out when ``share > 0``, and at least one kept.
+    """
+    groups = list(dict.fromkeys(_VARIANT.sub("", n) for n in class_names))
+    count = min(max(1, round(share * len(groups))), len(groups) - 1) if share > 0 else 0
+    order = np.random.default_rng([len(groups), _HOLDOUT_SEED]).permutation(len(groups))
+    out = {groups[i] for i in order[:count]}
+    return np.array([_VARIANT.sub("", n) in out for n in class_names], dtype=bool)
+
+
+def class_share(split: ImageSplit, share: float, phase: str) -> ImageSplit:
+    """The part of a training split a phase uses when ``data.meta_holdout`` is ``share``.
+
+    ``phase='pretrain'`` keeps the classes not held out, ``'meta'`` only the held-out ones;
+    with ``share == 0`` both get the whole split. Meta-training on classes the frozen
+    backbone never fitted makes its episodes look like test episodes, so SS learns to
+    transfer instead of fitting the base classes further.
+    """
+    if share <= 0:
+        return split
+    mask = held_out_mask(split.class_names, share)
+    classes = np.flatnonzero(mask if phase == "meta" else ~mask)
+    if len(classes) < 2:
+        raise DataError(f"{split.name}: data.meta_holdout={share} leaves {len(classes)} "
+                        f"class(es) for {phase}; choose a share that leaves at least 2 to each")
+    keep = np.flatnonzero(np.isin(split.labels, classes))
+    relabel = np.full(split.num_classes, -1, dtype=np.int64)
+    relabel[classes] = np.arange(len(classes))
+    return dataclasses.replace(
+        split, images=np.ascontiguousarray(split.images[keep]),
+        labels=relabel[split.labels[keep]], class_names=[split.class_names[c] for c in classes],
+        name=f"{split.name}[{phase} classes]")

@@ -1,8 +1,11 @@
 """Episode sampling (N-way K-shot) and the hard-task (HT) meta-batch.
 
-Episode ``i`` of a sampler is a pure function of ``(seed, i)``: evaluation episodes are
-reproducible and identical for every method, training resumes at any episode, and
-episodes can be split across processes without changing them.
+Episode ``i`` of a sampler is a pure function of ``(seed, stream, i)``: evaluation episodes
+are reproducible and identical for every method, training resumes at any episode, and
+episodes can be split across processes without changing them. The ``selection`` stream
+(validation during training) is seeded apart from the ``test`` stream (reported
+episodes), so checkpoint selection never sees the episodes a report is made of, even with
+equal seeds.
 """
 
 from __future__ import annotations
@@ -64,8 +67,15 @@ class EpisodeBatch:
         )
 
 
+STREAMS = {"test": (), "selection": (0x5E1EC7,)}  # extra entropy words per stream
+
+
 class EpisodeSampler:
-    """Draws ``ways``-way ``shots``-shot episodes with ``queries`` queries per class."""
+    """Draws ``ways``-way ``shots``-shot episodes with ``queries`` queries per class.
+
+    ``stream``: ``test`` for reported episodes (meta-test), ``selection`` for the
+    validation episodes that pick checkpoints during training.
+    """
 
     def __init__(
         self,
@@ -75,7 +85,10 @@ class EpisodeSampler:
         queries: int,
         seed: int,
         name: str = "split",
+        stream: str = "test",
     ) -> None:
+        if stream not in STREAMS:
+            raise ValueError(f"unknown episode stream '{stream}' ({' | '.join(STREAMS)})")
         if ways < 2 or shots < 1 or queries < 1:
             raise DataError(
                 f"impossible episode shape: {ways}-way {shots}-shot with {queries} queries; "
@@ -93,9 +106,10 @@ class EpisodeSampler:
             )
         self.indices_by_class = indices_by_class
         self.ways, self.shots, self.queries, self.seed = ways, shots, queries, seed
+        self.stream = stream
 
     def _rng(self, i: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, i])
+        return np.random.default_rng([self.seed, *STREAMS[self.stream], i])
 
     def draw_images(self, cls: int, count: int, rng: np.random.Generator) -> np.ndarray:
         pool = self.indices_by_class[cls]
@@ -140,9 +154,35 @@ def failure_classes(pred: np.ndarray, labels: np.ndarray, ways: int) -> np.ndarr
     return per_class_accuracy(pred, labels, ways).argmin(1)
 
 
+def completion_order(batch: EpisodeBatch, pred: np.ndarray) -> list[int]:
+    """The meta-batch's classes ranked for completing a hard task, hardest first.
+
+    A class ranks by how often it was confused with its task's failure class (queries of
+    the failure class predicted as it, plus its queries predicted as the failure class),
+    then by its own query accuracy (lowest first), then by first appearance. So a hard
+    task short of failure classes is completed with the classes the base learner mixes
+    up with them, never with random (easy) ones.
+    """
+    labels = np.broadcast_to(batch.query_labels(), pred.shape)
+    accuracy = per_class_accuracy(pred, labels, batch.ways)
+    failures = accuracy.argmin(1)
+    confusion: dict[int, int] = {}
+    worst: dict[int, float] = {}
+    for t in range(batch.tasks):
+        f = failures[t]
+        for j in range(batch.ways):
+            cls = int(batch.classes[t, j])
+            mixed = int(((labels[t] == f) & (pred[t] == j)).sum()
+                        + ((labels[t] == j) & (pred[t] == f)).sum()) if j != f else 0
+            confusion[cls] = confusion.get(cls, 0) + mixed
+            worst[cls] = min(worst.get(cls, 1.0), float(accuracy[t, j]))
+    order = list(confusion)  # first appearance
+    return sorted(order, key=lambda c: (-confusion[c], worst[c], order.index(c)))
+
+
 def hard_tasks(
     batch: EpisodeBatch,
-    failures: np.ndarray,
+    pred: np.ndarray,
     count: int,
     variant: HTVariant,
     sampler: EpisodeSampler,
@@ -150,17 +190,20 @@ def hard_tasks(
 ) -> EpisodeBatch:
     """Build ``count`` hard tasks from the failure classes of ``batch``'s tasks.
 
-    Each hard task contains every distinct failure class (a random subset when there are
-    more than ``ways``), completed to ``ways`` classes. ``reuse`` takes the images the
-    failing tasks used (completion classes come from the meta-batch's other classes, with
-    their images); ``resample`` draws fresh images (completion classes from the whole
-    split). Support/query roles are kept under ``reuse``.
+    ``pred``: ``(T, n_query)`` the tasks' query predictions (episode labels). Each hard
+    task holds every distinct failure class (a random subset when there are more than
+    ``ways``); when there are fewer, it is completed with the meta-batch classes most
+    confused with the failure classes (:func:`completion_order`). ``reuse`` takes the
+    images the failing tasks used, in the same support/query roles; ``resample`` draws
+    fresh images of the same classes (the authors found it better).
     """
     if variant == "off" or count == 0:
         return EpisodeBatch(*(np.zeros((0, n), np.int64) for n in
                               (batch.ways, batch.support.shape[1], batch.query.shape[1])))
     ways, shots, queries = batch.ways, batch.shots, batch.queries
+    failures = failure_classes(pred, np.broadcast_to(batch.query_labels(), pred.shape), ways)
     failed = list(dict.fromkeys(int(batch.classes[t, f]) for t, f in enumerate(failures)))
+    ranked = completion_order(batch, pred)
     # where each class of the meta-batch appeared first: (task, column)
     seen: dict[int, tuple[int, int]] = {}
     for t in range(batch.tasks):
@@ -169,14 +212,8 @@ def hard_tasks(
     tasks = []
     for _ in range(count):
         chosen = list(rng.permutation(failed)[:ways]) if len(failed) > ways else list(failed)
-        if variant == "reuse":
-            others = [c for c in seen if c not in chosen]
-        else:
-            others = [int(c) for c in sampler.eligible if int(c) not in chosen]
-        need = ways - len(chosen)
-        if need > len(others):
-            raise DataError(f"cannot complete a {ways}-way hard task: too few classes")
-        chosen += [int(c) for c in rng.choice(others, size=need, replace=False)]
+        chosen = [int(c) for c in chosen]
+        chosen += [c for c in ranked if c not in chosen][: ways - len(chosen)]
         chosen = [int(c) for c in rng.permutation(chosen)]
         support, query = [], []
         for cls in chosen:

@@ -67,7 +67,12 @@ def progress(iterable, enabled: bool = True, **kwargs):
 def validation_accuracy(method: str, embedder: Embedder, split: ImageSplit, ways: int,
                         shots: int, queries: int, episodes: int, seed: int,
                         steps: int = 0, lr: float = 0.0, head=None) -> tuple[float, float]:
-    """Mean and CI (percent) of ``method`` on seeded validation episodes."""
-    sampler = EpisodeSampler(split.indices_by_class, ways, shots, queries, seed, split.name)
+    """Mean and CI (percent) of ``method`` on seeded validation episodes.
+
+    The episodes come from the ``selection`` stream (seed ``eval.val_seed``), never from
+    the stream meta-test reports on.
+    """
+    sampler = EpisodeSampler(split.indices_by_class, ways, shots, queries, seed, split.name,
+                             stream="selection")
     acc = evaluate_all_ranks(method, embedder, split, sampler, episodes, steps, lr, head)
     return mean_ci95(acc)

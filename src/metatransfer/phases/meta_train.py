@@ -28,8 +28,8 @@ from .. import distributed
 from ..checkpoints import build_backbone, load_model, save_model
 from ..config import RunConfig
 from ..data import load_split
-from ..data.base import ImageSplit
-from ..data.episodes import EpisodeBatch, EpisodeSampler, failure_classes, hard_tasks
+from ..data.base import ImageSplit, class_share
+from ..data.episodes import EpisodeBatch, EpisodeSampler, hard_tasks
 from ..data.transforms import Normalizer, gather_uint8, to_device
 from ..errors import CheckpointError, MTLError
 from ..learners import adapt, linear_logits, normalize_features
@@ -65,15 +65,27 @@ class MetaLearner(nn.Module):
     """The meta-learned state: the frozen SS backbone and the head initialisation θ_0."""
 
     def __init__(self, backbone: nn.Module, ways: int, granularity: str, scope: str,
-                 bn_affine: bool) -> None:
+                 bn_affine: bool, head_init: str = "zero") -> None:
         super().__init__()
         self.backbone = backbone
         self.ss_params = enable_ss(backbone, granularity, scope, bn_affine)
-        # θ_0 starts at zero: episode labels are random permutations, so any class-specific
-        # start is noise; zero is also where the `ft` baseline starts, isolating the effect
-        # of meta-transfer.
-        self.weight0 = nn.Parameter(torch.zeros(ways, backbone.out_dim))
-        self.bias0 = nn.Parameter(torch.zeros(ways))
+        # θ_0 starts at zero, where `ft` starts too. Episode labels are random
+        # permutations, so a learned N x D θ_0 ('learned', the paper's) can only learn what
+        # is common to all rows, and a row shared by all classes cancels in the softmax:
+        # zero is the permutation-invariant form, kept fixed unless 'learned' is asked for.
+        self.weight0 = nn.Parameter(torch.zeros(ways, backbone.out_dim),
+                                    requires_grad=head_init == "learned")
+        self.bias0 = nn.Parameter(torch.zeros(ways), requires_grad=head_init == "learned")
+
+    def ss_penalty(self) -> torch.Tensor:
+        """Squared distance of the SS parameters from the identity (scale 1, shift 0)."""
+        total = self.weight0.new_zeros(())
+        for name, param in self.backbone.named_parameters():
+            if name.endswith("ss_scale"):
+                total = total + (param - 1).pow(2).sum()
+            elif name.endswith("ss_shift"):
+                total = total + param.pow(2).sum()
+        return total
 
     def head(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight0, "bias": self.bias0}
@@ -140,7 +152,7 @@ def task_share(
     """Sum of the query losses of ``batch``'s tasks, its number of correct queries and the
     predictions ``(T, n_query)``; an empty batch (more processes than tasks) gives zeros."""
     if batch.tasks == 0:
-        zero = learner.weight0.sum() * 0.0  # part of the graph, so backward still runs
+        zero = learner.ss_params[0].sum() * 0.0  # part of the graph, so backward still runs
         return zero, zero.detach(), torch.zeros((0, batch.query.shape[1]), dtype=torch.long,
                                                 device=device)
     losses, pred = task_losses(learner, split, batch, cfg, normalizer, device)
@@ -173,17 +185,22 @@ def meta_step(
     loss, correct, pred = task_share(learner, split, batch[mine], cfg, normalizer, device)
     stats = {"acc": correct / batch.query.size}
     if use_ht:
-        pred_host = pred.cpu().numpy()  # the failure classes decide which images come next
-        failures = failure_classes(pred_host, np.broadcast_to(batch.query_labels(),
-                                                              pred_host.shape), batch.ways)
-        failures = distributed.gather_by_index(mine, failures, batch.tasks).astype(np.int64)
+        # every process needs every task's predictions: they decide the hard tasks' classes
+        pred_host = pred.cpu().numpy()
+        n_query = batch.query.shape[1]
+        slots = (np.asarray(mine)[:, None] * n_query + np.arange(n_query)).ravel()
+        pred_all = distributed.gather_by_index(slots, pred_host.ravel(), batch.tasks * n_query)
+        pred_all = pred_all.reshape(batch.tasks, n_query).astype(np.int64)
         rng = np.random.default_rng([cfg.seed, 7919, step])
-        hard = hard_tasks(batch, failures, mc.ht_tasks, mc.ht, sampler, rng)
+        hard = hard_tasks(batch, pred_all, mc.ht_tasks, mc.ht, sampler, rng)
         hard_loss, hard_correct, _ = task_share(learner, split, hard[distributed.shard(hard.tasks)],
                                                 cfg, normalizer, device)
         stats["hard_acc"] = hard_correct / hard.query.size
         loss = loss + hard_loss
-    return loss / total_tasks, stats
+    loss = loss / total_tasks
+    if mc.ss_decay > 0:  # each process adds its share: the sum over processes is one penalty
+        loss = loss + mc.ss_decay * learner.ss_penalty() / distributed.world_size()
+    return loss, stats
 
 
 def load_pretrained(path: Path) -> tuple:
@@ -208,7 +225,8 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
         log.info("meta-training already complete in %s", run.path)
         return best_path
     with distributed.local_main_first():
-        train = load_split(cfg.data, cfg.data.train_split)
+        train = class_share(load_split(cfg.data, cfg.data.train_split), cfg.data.meta_holdout,
+                            "meta")
         val = load_split(cfg.data, cfg.data.val_split)
     sampler = EpisodeSampler(train.indices_by_class, mc.ways, mc.shots, mc.queries,
                              seed=cfg.seed, name=train.name)
@@ -220,12 +238,12 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
         raise MTLError(f"{pretrained} expects {info.in_channels}-channel images but "
                        f"{train.name} has {train.channels}; pre-train on this dataset")
     learner = MetaLearner(backbone.to(device), mc.ways, cfg.model.ss_granularity,
-                          cfg.model.ss_scope, cfg.model.ss_bn_affine).to(device)
+                          cfg.model.ss_scope, cfg.model.ss_bn_affine, mc.head_init).to(device)
     prepare_backbone(cfg, backbone, device)  # after SS exists, so compile traces it
-    optimizer = torch.optim.Adam([
-        {"params": learner.ss_params, "lr": mc.lr_ss},
-        {"params": [learner.weight0, learner.bias0], "lr": mc.lr_head},
-    ])
+    groups = [{"params": learner.ss_params, "lr": mc.lr_ss}]
+    if mc.head_init == "learned":
+        groups.append({"params": [learner.weight0, learner.bias0], "lr": mc.lr_head})
+    optimizer = torch.optim.Adam(groups)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, max(mc.step_size, 1), mc.gamma)
     epoch, start_step, best_acc, totals = 0, 0, -1.0, None
     if state:
@@ -250,7 +268,8 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
     meta_info.ways = mc.ways
     meta_info.inner_steps, meta_info.inner_lr = mc.inner_steps, mc.inner_lr
     meta_info.extra = {"bn_affine": cfg.model.ss_bn_affine, "ss_scope": cfg.model.ss_scope,
-                       "ss_granularity": cfg.model.ss_granularity, "ht": mc.ht}
+                       "ss_granularity": cfg.model.ss_granularity, "ht": mc.ht,
+                       "head_init": mc.head_init}
 
     guard = FiniteGuard(cfg.nan_policy, "meta-training", device,
                         "lower meta.lr_ss / meta.lr_head or set meta.grad_clip")
@@ -311,7 +330,7 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
         train_loss = loss_total / max(count, 1)
         val_acc, val_ci = validation_accuracy(
             "mtl", embedder, val, mc.ways, mc.shots, mc.queries, mc.val_episodes,
-            seed=cfg.eval.seed, steps=mc.inner_steps, lr=mc.inner_lr,
+            seed=cfg.eval.val_seed, steps=mc.inner_steps, lr=mc.inner_lr,
             head=(learner.weight0.detach(), learner.bias0.detach()))
         epoch += 1
         improved = val_acc > best_acc

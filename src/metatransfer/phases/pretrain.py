@@ -21,6 +21,7 @@ from .. import distributed
 from ..checkpoints import ModelInfo, save_model
 from ..config import RunConfig
 from ..data import load_split
+from ..data.base import class_share
 from ..data.transforms import augment_batch, augmentation, gather_uint8, to_device
 from ..errors import ConfigError
 from ..runs import (
@@ -81,7 +82,8 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
         log.info("pre-training already complete in %s", run.path)
         return best_path
     with distributed.local_main_first():
-        train = load_split(cfg.data, cfg.data.train_split)
+        train = class_share(load_split(cfg.data, cfg.data.train_split), cfg.data.meta_holdout,
+                            "pretrain")
         val = load_split(cfg.data, cfg.data.val_split)
     val.require(pc.val_ways, pc.val_shots + pc.val_queries, "validation episodes")
 
@@ -195,7 +197,7 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
         train_loss = loss_total / max(seen, 1)
         val_acc, val_ci = validation_accuracy(
             "protonet", embedder, val, pc.val_ways, pc.val_shots, pc.val_queries,
-            pc.val_episodes, seed=cfg.eval.seed)
+            pc.val_episodes, seed=cfg.eval.val_seed)
         epoch += 1
         improved = val_acc > best_acc
         if improved:
