@@ -122,3 +122,51 @@ def test_bad_split_and_sizes_fail_clearly(tmp_path):
         glyphs.load_glyphs(small(tmp_path, glyph_classes=too_many), "train")
     with pytest.raises(ConfigError, match="glyph_images"):
         glyphs.load_glyphs(small(tmp_path, glyph_images=0), "train")
+
+
+def _clear_font_caches() -> None:
+    for value in vars(glyphs).values():
+        if hasattr(value, "cache_clear"):
+            value.cache_clear()
+
+
+def _fake_system_font(folder) -> None:
+    """A copy of a bundled font under a new family name, as a font package would add."""
+    from fontTools.ttLib import TTFont
+
+    font = TTFont(str(glyphs._mpl_font_dir() / "DejaVuSans.ttf"))
+    for record in font["name"].names:
+        if record.nameID in (1, 4, 6, 16):
+            record.string = "Fake Sans" if record.nameID != 6 else "FakeSans"
+    folder.mkdir(parents=True)
+    font.save(str(folder / "FakeSans.ttf"))
+
+
+def test_rendering_does_not_depend_on_system_fonts(tmp_path, monkeypatch):
+    """Fonts a user installs (in ~/.fonts, ~/.local/share/fonts) must not change the data."""
+    before = load_all(small(tmp_path / "before"))
+    fingerprint = glyphs.glyph_font_fingerprint()
+    home = tmp_path / "home"
+    _fake_system_font(home / ".fonts")
+    _fake_system_font(home / ".local" / "share" / "fonts")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
+    _clear_font_caches()
+    try:
+        after = load_all(small(tmp_path / "after"))
+        assert glyphs.glyph_font_fingerprint() == fingerprint
+    finally:
+        monkeypatch.undo()
+        _clear_font_caches()
+    for s in glyphs.SPLITS:
+        assert np.array_equal(before[s].images, after[s].images)
+        assert after[s].meta["fonts"] == before[s].meta["fonts"]
+
+
+def test_only_bundled_fonts_are_used_and_fingerprinted(tmp_path):
+    split = glyphs.load_glyphs(small(tmp_path), "train")
+    bundled = sorted(p.name for p in glyphs._mpl_font_dir().glob("*.ttf"))
+    assert split.meta["fonts"] and set(split.meta["fonts"]) <= set(bundled)
+    fingerprint = glyphs.glyph_font_fingerprint()
+    assert split.meta["data_fingerprint"] == fingerprint
+    assert fingerprint.startswith("fonts-") and len(fingerprint) == len("fonts-") + 16

@@ -6,10 +6,12 @@ distortion, stroke width, contrast and noise. It is a synthetic demo set, not a 
 
 Design choices:
 
-* The class list depends only on the fonts bundled with matplotlib (a character needs
-  at least 3 bundled font files covering it, in at least 2 style families), so it is the
-  same on every machine. System fonts, when present, only add rendering variety; the
-  fonts used are part of the cache key, so a machine with other fonts gets its own cache.
+* Only the fonts bundled with matplotlib are used, never system fonts: the data is a
+  pure function of the installed packages and the seed, so installing a package that
+  adds fonts cannot change it. A character needs at least 3 bundled font files covering
+  it, in at least 2 style families. The fonts' names and sizes are hashed into
+  :func:`glyph_font_fingerprint`, which is part of the cache key and of every
+  ``results.json`` on this dataset (``data_fingerprint``).
 * Characters that look alike once size and position are randomised (Latin ``A``, Greek
   ``Α``, Cyrillic ``А``; ``o`` and ``O``) are dropped by comparing normalised renderings.
 * Each image has its own RNG seeded from ``(seed, codepoint, index)``, so pixels do not
@@ -20,6 +22,7 @@ Design choices:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import unicodedata
@@ -43,7 +46,6 @@ SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 DEFAULT_IMAGE_SIZE = 32
 MIN_FONT_FILES = 3  # a character must be in this many bundled font files ...
 MIN_FAMILIES = 2  # ... from this many style families, so its images vary
-MAX_SYSTEM_FONTS = 64  # bounds discovery time on machines with huge font collections
 # Normalised renderings closer than this count as the same glyph (A, Greek Α, Cyrillic А).
 _DUPLICATE_RMS = 0.15
 _CASE_RMS = 0.3  # the same between an upper- and a lower-case letter
@@ -89,7 +91,6 @@ class FontFile:
     path: Path
     family: str  # style family ("DejaVu Sans", "STIXGeneral", ...), for the variety rule
     coverage: frozenset[int]
-    bundled: bool
 
     @property
     def fingerprint(self) -> tuple[str, int]:
@@ -135,52 +136,21 @@ def bundled_fonts() -> tuple[FontFile, ...]:
         family, cmap = info
         if name in _CM_COVERAGE:
             cmap &= _CM_COVERAGE[name]
-        fonts.append(FontFile(path, family, frozenset(cmap), bundled=True))
+        fonts.append(FontFile(path, family, frozenset(cmap)))
     if not fonts:
         raise DataError(f"glyphs: no usable fonts found in {_mpl_font_dir()}; reinstall matplotlib")
     return tuple(fonts)
 
 
-def _system_font_paths() -> list[Path]:
-    roots = [
-        Path("/usr/share/fonts"),
-        Path("/usr/local/share/fonts"),
-        Path.home() / ".fonts",
-        Path.home() / ".local/share/fonts",
-        Path("/Library/Fonts"),
-        Path("/System/Library/Fonts"),
-    ]
-    found = set()
-    for root in roots:
-        if root.is_dir():
-            for suffix in ("ttf", "otf", "TTF", "OTF"):
-                found.update(root.rglob(f"*.{suffix}"))
-    return sorted(found)
-
-
 @lru_cache(maxsize=1)
-def system_fonts() -> tuple[FontFile, ...]:
-    """Extra fonts found on this machine, minus those matplotlib already ships."""
-    from matplotlib.ft2font import FT2Font
+def glyph_font_fingerprint() -> str:
+    """A short hash of the names and sizes of the fonts the glyphs are rendered from.
 
-    seen = set()
-    for font in bundled_fonts():
-        f = FT2Font(str(font.path))
-        seen.add((f.family_name, f.style_name))
-    fonts = []
-    for path in _system_font_paths():
-        if len(fonts) >= MAX_SYSTEM_FONTS:
-            break
-        try:
-            style = FT2Font(str(path)).style_name
-        except (OSError, RuntimeError, ValueError):
-            continue
-        info = _charmap(path)
-        if info is None or (info[0], style) in seen:
-            continue
-        seen.add((info[0], style))
-        fonts.append(FontFile(path, info[0], frozenset(info[1]), bundled=False))
-    return tuple(fonts)
+    Two machines with the same fingerprint (and the same Pillow and FreeType) render the
+    same images for the same seed; it is stored in the cache key and in ``results.json``.
+    """
+    names = sorted(f.fingerprint for f in bundled_fonts())
+    return "fonts-" + hashlib.sha256(repr(names).encode()).hexdigest()[:16]
 
 
 def _style_family(font: FontFile) -> str:
@@ -352,7 +322,7 @@ def render_glyph(cp: int, fonts: list[FontFile], rng: np.random.Generator, size:
     weight = int(rng.choice(3, p=[0.55, 0.3, 0.15]))
     order = rng.permutation(len(fonts))
     ch = chr(cp)
-    for k in order:  # the first font with ink (a system font may map to an empty glyph)
+    for k in order:  # the first font with ink (a font may map a codepoint to an empty glyph)
         path = str(fonts[k].path)
         # Small glyphs (°, ∘) are drawn at a larger size, so that the stroke and the
         # final scaling are similar for every character.
@@ -406,7 +376,7 @@ def glyph_image_size(cfg: DataConfig) -> int:
     return size
 
 
-def _generation_key(cfg: DataConfig, size: int, fonts: tuple[FontFile, ...]) -> str:
+def _generation_key(cfg: DataConfig, size: int) -> str:
     return cache_key(
         dataset="glyphs",
         version=FORMAT_VERSION,
@@ -414,7 +384,7 @@ def _generation_key(cfg: DataConfig, size: int, fonts: tuple[FontFile, ...]) -> 
         images=cfg.glyph_images,
         seed=cfg.glyph_seed,
         size=size,
-        fonts=[f.fingerprint for f in fonts],
+        fonts=glyph_font_fingerprint(),
         pillow=PIL.__version__,
         freetype=features.version("freetype2"),
         numpy=np.__version__,
@@ -429,7 +399,7 @@ def load_glyphs(cfg: DataConfig, split: str) -> ImageSplit:
     if cfg.glyph_images < 1:
         raise ConfigError(f"data.glyph_images={cfg.glyph_images} must be at least 1")
     size = glyph_image_size(cfg)
-    fonts = bundled_fonts() + system_fonts()
+    fonts = bundled_fonts()
     per_class = cfg.glyph_images
     shape = (cfg.glyph_classes * per_class, size, size, 1)
 
@@ -454,11 +424,12 @@ def load_glyphs(cfg: DataConfig, split: str) -> ImageSplit:
             "splits": {name: [int(cp) for cp in splits[name]] for name in SPLITS},
             "mean": mean,
             "std": math.sqrt(max(total_sq / count - mean * mean, 0.0)),
-            "fonts": [str(f.path) for f in fonts],
+            "fonts": [f.path.name for f in fonts],
+            "fingerprint": glyph_font_fingerprint(),
             "seconds": round(time.perf_counter() - start, 2),
         }
 
-    key = _generation_key(cfg, size, fonts)
+    key = _generation_key(cfg, size)
     array, meta = cached_uint8(cache_root(cfg.cache_dir) / "glyphs", key, shape, fill)
     start = sum(len(meta["splits"][name]) for name in SPLITS[: SPLITS.index(split)])
     codepoints = meta["splits"][split]
@@ -472,5 +443,6 @@ def load_glyphs(cfg: DataConfig, split: str) -> ImageSplit:
         mean=(float(meta["mean"]),),
         std=(float(meta["std"]),),
         source=f"built-in glyphs rendered from {len(meta['fonts'])} fonts",
-        meta={"codepoints": list(codepoints), "fonts": meta["fonts"]},
+        meta={"codepoints": list(codepoints), "fonts": meta["fonts"],
+              "data_fingerprint": glyph_font_fingerprint()},
     )

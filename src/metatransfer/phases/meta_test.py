@@ -130,6 +130,8 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
         "eval_seconds": round(time.perf_counter() - started, 2),
         "results": rows,
     }
+    if "data_fingerprint" in split.meta:  # e.g. the fonts the glyphs were rendered from
+        results["data_fingerprint"] = split.meta["data_fingerprint"]
     if run.is_main:
         write_results(run.path, results)
     return results
