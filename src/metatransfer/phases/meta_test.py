@@ -212,9 +212,12 @@ def comparisons_table(comparisons: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + legend
 
 
-def episodes_record(per_episode: dict) -> dict:
-    """Per-episode accuracies as JSON (4 decimals: exact enough to pair runs later)."""
-    return {key: [round(float(x), 4) for x in acc] for key, acc in per_episode.items()}
+def write_episodes(folder: Path, per_episode: dict) -> None:
+    """``episodes.json``: per-episode accuracies, one line per method and setting (4
+    decimals: exact enough to pair this run with another scored on the same episodes)."""
+    lines = [f"{json.dumps(key)}: {json.dumps([round(float(x), 4) for x in acc])}"
+             for key, acc in per_episode.items()]
+    (folder / "episodes.json").write_text("{\n" + ",\n".join(lines) + "\n}\n")
 
 
 TIMING_KEYS = ("eval_seconds", "run_seconds")
@@ -228,10 +231,7 @@ def write_results(folder: Path, results: dict) -> None:
     (folder / "results.json").write_text(json.dumps(kept, indent=2))
     (folder / "timing.json").write_text(json.dumps(timing, indent=2))
     if "per_episode" in results:
-        record = episodes_record(results["per_episode"])  # one line per method and setting
-        (folder / "episodes.json").write_text(
-            "{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in record.items())
-            + "\n}\n")
+        write_episodes(folder, results["per_episode"])
     episodes = results["results"][0]["episodes"] if results["results"] else 0
     queries = results["results"][0]["queries"] if results["results"] else 0
     text = (f"# Results: {results['dataset']} ({results['split']} split), "
