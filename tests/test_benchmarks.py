@@ -90,10 +90,64 @@ def test_accuracy_benchmark_and_report(tmp_path, capsys):
     for name in ("results.md", "learning_curves.png", "accuracy.png"):
         assert (out / name).stat().st_size > 0
     rows = json_lines(capsys.readouterr().out)
-    assert [r["method"] for r in rows] == methods
+    assert [r["method"] for r in rows if "method" in r] == methods
+    assert [(c["a"], c["b"]) for c in results["comparisons"]] == [("mtl+ht", "ft"),
+                                                                  ("mtl-last", "ft")]
     # `mtl report` renders the same plots from any run directory
     from metatransfer.cli import main
 
     (out / "accuracy.png").unlink()
     main(["report", str(out)])
     assert (out / "accuracy.png").is_file()
+
+
+def tiny_bench_args(out) -> list[str]:
+    from conftest import tiny_overrides
+
+    args = ["--preset", "glyphs-conv4", "--out", str(out), "--set", "eval.shots=[1]"]
+    for item in tiny_overrides(out / "unused"):
+        if not item.startswith(("out=", "eval.shots")):
+            args += ["--set", item]
+    return args
+
+
+def test_accuracy_benchmark_pretrains_per_config_and_pairs(tmp_path, capsys):
+    import numpy as np
+
+    out = tmp_path / "bench"
+    results = load("accuracy").main(tiny_bench_args(out) + [
+        "--variants", "mtl", "--variant", "mtl-lr:pretrain.lr=0.02,model.ss_scope=last",
+        "--baselines", "ft,protonet", "--baselines-everywhere"])
+    # the variant changing a pre-training key got its own pre-training, the other shared
+    assert results["pretrainings"] == {"pretrain": ["mtl"], "pretrain@mtl-lr": ["mtl-lr"]}
+    assert (out / "pretrain@mtl-lr" / "pretrain_best.safetensors").is_file()
+    assert results["variants"]["mtl-lr"] == {"pretrain.lr": "0.02", "model.ss_scope": "last"}
+    assert [r["method"] for r in results["results"]] == [
+        "ft", "protonet", "mtl", "mtl-lr", "ft@mtl-lr", "protonet@mtl-lr"]
+    comparisons = results["comparisons"]
+    assert [(c["a"], c["b"]) for c in comparisons] == [
+        ("mtl", "ft"), ("mtl-lr", "ft"), ("mtl-lr", "ft@mtl-lr"), ("ft@mtl-lr", "ft")]
+    per_episode = results["per_episode"]
+    saved = json.loads((out / "episodes.json").read_text())
+    for c in comparisons:
+        a, b = per_episode[f"{c['a']}/5w1s"], per_episode[f"{c['b']}/5w1s"]
+        assert c["episodes"] == len(a) == len(b) == 20
+        assert c["diff"] == round(float(np.mean(a.astype(float) - b) * 100), 2)
+        a, b = np.array(saved[f"{c['a']}/5w1s"]), np.array(saved[f"{c['b']}/5w1s"])
+        assert c["diff"] == pytest.approx(100 * (a - b).mean(), abs=0.01)
+    # a different pre-training gives different baseline features
+    assert not np.array_equal(per_episode["protonet/5w1s"], per_episode["protonet@mtl-lr/5w1s"])
+    assert "mtl-lr − ft@mtl-lr" in (out / "results.md").read_text()
+    printed = [r for r in json_lines(capsys.readouterr().out) if "a" in r]
+    assert [(r["a"], r["b"]) for r in printed] == [(c["a"], c["b"]) for c in comparisons]
+
+
+def test_accuracy_benchmark_explicit_pairs():
+    bench = load("accuracy")
+    methods = ["ft", "ft-all", "mtl", "mtl-last", "mtl+ht-reuse"]
+    assert bench.parse_pairs("mtl-last-mtl,ft-all-ft,mtl+ht-reuse-ft-all", methods) == [
+        ("mtl-last", "mtl"), ("ft-all", "ft"), ("mtl+ht-reuse", "ft-all")]
+    with pytest.raises(SystemExit, match="cannot read"):
+        bench.parse_pairs("mtl-protonet", methods)
+    assert bench.parse_variant("lr:meta.lr_ss=2e-3,eval.shots=[1,5]") == (
+        "lr", {"meta.lr_ss": "2e-3", "eval.shots": "[1,5]"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import tiny_overrides
 
@@ -44,6 +45,20 @@ def test_tiny_run_writes_results(tmp_path, capsys):
     assert phases == {"pretrain", "meta"}
     table = capsys.readouterr().out
     assert "5-way 1-shot" in table and "mtl" in table
+    # paired comparisons, recomputable from the per-episode file
+    episodes = json.loads((out / "episodes.json").read_text())
+    assert sorted(episodes) == sorted(f"{m}/5w{s}s" for m in ("mtl", "ft", "protonet")
+                                      for s in (1, 5))
+    comparisons = results["comparisons"]
+    assert [(c["a"], c["b"], c["shots"]) for c in comparisons] == [
+        (a, b, s) for a, b in (("mtl", "ft"), ("mtl", "protonet"), ("ft", "protonet"))
+        for s in (1, 5)]
+    for c in comparisons:
+        a, b = (np.array(episodes[f"{m}/5w{c['shots']}s"]) for m in (c["a"], c["b"]))
+        assert c["episodes"] == 20
+        assert c["diff"] == pytest.approx(100 * (a - b).mean(), abs=0.01)
+        assert c["significant"] == (abs(c["diff"]) > c["ci95"])
+    assert "mtl − ft" in (out / "results.md").read_text()
 
 
 def test_rerun_into_existing_run_dir_asks_for_resume(tmp_path, capsys):

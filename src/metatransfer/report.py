@@ -60,16 +60,25 @@ def plot_learning_curves(runs: dict[str, Path], out: Path) -> Path | None:
 
 
 def plot_accuracy(results: dict, out: Path) -> Path | None:
-    """Accuracy with 95% CI bars per method, grouped by (ways, shots)."""
+    """Accuracy with 95% CI bars per method, grouped by (ways, shots); below it, when the
+    results have ``comparisons``, the paired differences (the panel that says who wins)."""
     rows = results.get("results", [])
     if not rows:
         return None
     plt = _pyplot()
+    comparisons = results.get("comparisons", [])
     settings = list(dict.fromkeys((r["ways"], r["shots"]) for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["method"], r["ways"], r["shots"]): r for r in rows}
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(settings) * max(1, len(methods) / 3)), 4))
+    width_in = max(6, 1.6 * len(settings) * max(1, len(methods) / 3))
+    if comparisons:
+        fig, (ax, diff_ax) = plt.subplots(
+            2, 1, figsize=(width_in, 5 + 0.3 * len(comparisons)),
+            gridspec_kw={"height_ratios": [4, 1 + 0.3 * len(comparisons)]})
+        plot_differences(diff_ax, comparisons)
+    else:
+        fig, ax = plt.subplots(figsize=(width_in, 4))
     for i, method in enumerate(methods):
         xs, ys, errs = [], [], []
         for j, (ways, shots) in enumerate(settings):
@@ -92,6 +101,21 @@ def plot_accuracy(results: dict, out: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_differences(ax, comparisons: list[dict]) -> None:
+    """Each paired difference as a point with its 95% CI bar around a 0 line; filled when
+    the CI excludes 0 (a real difference), hollow when it does not."""
+    for y, c in enumerate(comparisons):
+        color = "tab:green" if c["diff"] > 0 else "tab:red"
+        ax.errorbar(c["diff"], y, xerr=c["ci95"], fmt="o", capsize=3, color=color,
+                    markerfacecolor=color if c["significant"] else "white")
+    ax.axvline(0, color="black", linewidth=0.8)
+    labels = [f"{c['a']} − {c['b']}, {c['ways']}-way {c['shots']}-shot" for c in comparisons]
+    ax.set_yticks(range(len(comparisons)), labels, fontsize=8)
+    ax.set_ylim(len(comparisons) - 0.5, -0.5)  # first comparison on top
+    ax.set_xlabel("paired difference (points), 95% CI; filled: CI excludes 0")
+    ax.grid(axis="x", alpha=0.3)
 
 
 def render(folder: str | Path) -> list[Path]:

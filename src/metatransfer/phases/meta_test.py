@@ -9,7 +9,10 @@ with the evaluation seed, then score each method on exactly those episodes:
 * ``ft-all``: the whole pre-trained backbone fine-tuned per task (first
   ``eval.ft_all_episodes`` episodes only: it cannot embed once, so it is costly).
 
-Accuracy is the mean over episodes with a 95% confidence interval, in percent.
+Accuracy is the mean over episodes with a 95% confidence interval, in percent. Because
+the episodes are shared, methods are compared by the paired difference of their
+per-episode accuracies (``comparisons``), whose CI is several times narrower than the
+unpaired ones; the per-episode accuracies go to ``episodes.json`` for later comparisons.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,7 +32,13 @@ from ..config import RunConfig
 from ..data import load_split
 from ..data.episodes import EpisodeSampler
 from ..errors import ConfigError, MTLError
-from ..evaluation import episode_ids, evaluate_all_ranks, mean_ci95
+from ..evaluation import (
+    comparison_rows,
+    episode_ids,
+    evaluate_all_ranks,
+    mean_ci95,
+    setting_key,
+)
 from ..finetune import evaluate_ft_all
 from ..learners import METHODS
 from ..runs import RunDir
@@ -36,6 +46,8 @@ from .common import make_embedder, prepare_backbone
 
 log = logging.getLogger(__name__)
 ALL_METHODS = (*METHODS, "ft-all")
+# what a run can answer: does meta-transfer beat each baseline, and ft beat protonet
+PAIRS = (("mtl", "ft"), ("mtl", "protonet"), ("mtl", "ft-all"), ("ft", "protonet"))
 
 
 def split_name(cfg: RunConfig) -> str:
@@ -91,6 +103,7 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
             embedders[key] = make_embedder(cfg, backbone, split, device, norm)
             caches[key] = {}
     rows = []
+    per_episode: dict[str, np.ndarray] = {}
     started = time.perf_counter()
     for ways in ec.ways:
         for shots in ec.shots:
@@ -106,6 +119,7 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
                         backbone, split, sampler, ids, device, ec.ft_all_steps, ec.ft_all_lr),
                         count)
                     rows.append(result_row(method, ways, shots, ec.queries, acc))
+                    per_episode[setting_key(method, ways, shots)] = np.asarray(acc)
                     continue
                 if head is not None:
                     head = (head[0].to(device), head[1].to(device))
@@ -116,6 +130,9 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
                                          cache=caches[id(backbone)],
                                          progress=show and run.is_main)
                 rows.append(result_row(method, ways, shots, ec.queries, acc))
+                per_episode[setting_key(method, ways, shots)] = np.asarray(acc)
+    settings = [(ways, shots) for ways in ec.ways for shots in ec.shots]
+    pairs = [(a, b) for a, b in PAIRS if a in ec.methods and b in ec.methods]
     results = {
         "dataset": cfg.data.name,
         "split": split_name(cfg),
@@ -129,6 +146,8 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
         "training": training_sizes(cfg),
         "eval_seconds": round(time.perf_counter() - started, 2),
         "results": rows,
+        "comparisons": comparison_rows(per_episode, pairs, settings),
+        "per_episode": per_episode,  # for scripts; written to episodes.json, not results.json
     }
     if "data_fingerprint" in split.meta:  # e.g. the fonts the glyphs were rendered from
         results["data_fingerprint"] = split.meta["data_fingerprint"]
@@ -169,6 +188,40 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def comparisons_table(comparisons: list[dict]) -> str:
+    """Markdown table of paired differences: one row per pair, one column per setting."""
+    if not comparisons:
+        return ""
+    pairs = list(dict.fromkeys((c["a"], c["b"]) for c in comparisons))
+    settings = list(dict.fromkeys((c["ways"], c["shots"]) for c in comparisons))
+    most = max(c["episodes"] for c in comparisons)
+    cell = {(c["a"], c["b"], c["ways"], c["shots"]): c for c in comparisons}
+    lines = ["| difference | " + " | ".join(f"{w}-way {s}-shot" for w, s in settings) + " |",
+             "|---|" + "---|" * len(settings)]
+    for a, b in pairs:
+        values = []
+        for ways, shots in settings:
+            c = cell.get((a, b, ways, shots))
+            if c is None:
+                values.append("–")
+                continue
+            fewer = f" ({c['episodes']} ep.)" if c["episodes"] < most else ""
+            star = " *" if c["significant"] else ""
+            values.append(f"{c['diff']:+.2f} ± {c['ci95']:.2f}{star}{fewer}")
+        lines.append(f"| {a} − {b} | " + " | ".join(values) + " |")
+    legend = ("Paired difference a − b of per-episode accuracy, in points, ± 95% CI; "
+              "`*`: the CI excludes 0.")
+    return "\n".join(lines) + "\n\n" + legend
+
+
+def write_episodes(folder: Path, per_episode: dict) -> None:
+    """``episodes.json``: per-episode accuracies, one line per method and setting (4
+    decimals: exact enough to pair this run with another scored on the same episodes)."""
+    lines = [f"{json.dumps(key)}: {json.dumps([round(float(x), 4) for x in acc])}"
+             for key, acc in per_episode.items()]
+    (folder / "episodes.json").write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
 TIMING_KEYS = ("eval_seconds", "run_seconds")
 
 
@@ -176,9 +229,11 @@ def write_results(folder: Path, results: dict) -> None:
     """results.json holds only what the seed and config decide (byte-identical for a seed
     on CPU, so runs can be diffed); wall-clock figures go to timing.json."""
     timing = {k: results[k] for k in TIMING_KEYS if k in results}
-    kept = {k: v for k, v in results.items() if k not in TIMING_KEYS}
+    kept = {k: v for k, v in results.items() if k not in (*TIMING_KEYS, "per_episode")}
     (folder / "results.json").write_text(json.dumps(kept, indent=2))
     (folder / "timing.json").write_text(json.dumps(timing, indent=2))
+    if "per_episode" in results:
+        write_episodes(folder, results["per_episode"])
     episodes = results["results"][0]["episodes"] if results["results"] else 0
     queries = results["results"][0]["queries"] if results["results"] else 0
     text = (f"# Results: {results['dataset']} ({results['split']} split), "
@@ -186,4 +241,6 @@ def write_results(folder: Path, results: dict) -> None:
             f"Accuracy in % with 95% confidence interval over {episodes} episodes "
             f"({queries} queries per class), the same episodes for every method.\n\n"
             f"{results_table(results)}\n")
+    if results.get("comparisons"):
+        text += f"\n{comparisons_table(results['comparisons'])}\n"
     (folder / "results.md").write_text(text)
