@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from metatransfer.config import apply_override, load_config
+from metatransfer.devices import resolve_device
 from metatransfer.phases.meta_test import meta_test, results_table
 from metatransfer.phases.meta_train import meta_train
 from metatransfer.phases.pretrain import pretrain
 from metatransfer.report import render
-from metatransfer.runs import RunDir, resolve_device, seed_everything
+from metatransfer.runs import RunDir, seed_everything
 
 VARIANTS = {
     "mtl+ht": {"model.ss_scope": "all", "meta.ht": "resample"},

@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .config import RunConfig, save_config
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +52,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; an explicit CUDA request without CUDA is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' requested but CUDA is not available; use device=cpu")
-    return device
-
-
 def seed_phase(seed: int, phase: str) -> None:
     """Seed the global RNGs for the fresh start of ``phase`` from ``(seed, phase)`` only.
 
@@ -69,9 +59,7 @@ def seed_phase(seed: int, phase: str) -> None:
     process or finished in an earlier (interrupted) one. Under torchrun each rank gets
     its own stream.
     """
-    from . import distributed  # each process keeps its own stream (as cli.start seeds)
-
-    rank = distributed.rank()
+    rank = distributed.rank()  # each process keeps its own stream (as cli.start seeds)
     digest = hashlib.sha256(f"{seed}:{phase}:{rank}".encode()).digest()
     seed_everything(int.from_bytes(digest[:8], "little") % 2**63)
 
