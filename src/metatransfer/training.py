@@ -278,7 +278,8 @@ class TrainingLoop:
         ``scheduler_per``: ``step`` or ``epoch``. ``ddp``: the forward pass runs under
         DistributedDataParallel, which averages gradients over processes in backward.
         ``average_buffers``: average BatchNorm statistics over processes each epoch.
-        ``train_mode``: the mode the modules train in (``False``: BN in eval mode).
+        ``train_mode``: the mode the modules train in (``False``: eval mode, so BatchNorm
+        uses and keeps its running statistics).
         """
         self.modules, self.optimizer, self.scheduler = modules, optimizer, scheduler
         self.scheduler_per, self.ddp = scheduler_per, ddp
