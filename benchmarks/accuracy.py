@@ -35,6 +35,7 @@ import torch
 import yaml
 
 from metatransfer.config import apply_override, load_config, to_dict
+from metatransfer.devices import resolve_device
 from metatransfer.evaluation import comparison_rows
 from metatransfer.phases.meta_test import (
     comparisons_table,
@@ -45,7 +46,7 @@ from metatransfer.phases.meta_test import (
 from metatransfer.phases.meta_train import meta_train
 from metatransfer.phases.pretrain import pretrain
 from metatransfer.report import render
-from metatransfer.runs import RunDir, resolve_device, seed_everything
+from metatransfer.runs import RunDir, seed_everything
 
 VARIANTS = {
     "mtl+ht": {"model.ss_scope": "all", "meta.ht": "resample"},

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# One prepared GPU benchmark run: install the package, check the device, run the throughput
-# benchmark for resnet12 at 84x84 and conv4 (plus a torch.compile pass and the evaluation
-# speed-up when the shared miniImageNet copy is present), and write JSON lines to
-# $OUT/gpu_results.jsonl (when OUT is set) or benchmarks/gpu_results.jsonl.
+# One prepared GPU benchmark run: install the package, check the device, run the speed
+# benchmarks (kernel_rates, pretrain_speed, meta_train_speed, meta_test_speed) for resnet12
+# at 84x84 and conv4 (plus a torch.compile pass and the evaluation speed-up when the shared
+# miniImageNet copy is present), and write JSON lines to $OUT/gpu_results.jsonl (when OUT
+# is set) or benchmarks/gpu_results.jsonl.
 #
 #   bash benchmarks/gpu.sh                                   # on a GPU machine
 #   DEVICE=cpu BACKBONES=conv4@16 EXTRA=--quick bash benchmarks/gpu.sh   # CPU fallback test
+#   python benchmarks/speed_table.py benchmarks/gpu_results.jsonl        # markdown rows
 #
 # Environment: PYTHON (interpreter), DEVICE (cuda | cpu; cuda falls back to cpu with a
-# warning when no GPU is visible), BACKBONES, EXTRA (more throughput.py flags),
+# warning when no GPU is visible), BACKBONES, SPEED (which speed benchmarks, default all
+# four), EXTRA (more flags for them, see benchmarks/timing.py),
 # SKIP_INSTALL=1 (use the current environment as is), COMPILE and EVAL (1 or 0: the
 # torch.compile pass and the evaluation speed-up; default 1 on CUDA, 0 on the CPU).
 set -euo pipefail
@@ -17,6 +20,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 BACKBONES=${BACKBONES:-"resnet12@84 conv4@28 conv4@84"}
+SPEED=${SPEED:-"kernel_rates pretrain_speed meta_train_speed meta_test_speed"}
 EXTRA=${EXTRA:-}
 if [[ -n "${OUT:-}" ]]; then
     mkdir -p "$OUT"
@@ -50,14 +54,18 @@ EVAL=${EVAL:-$ON_GPU}
 command -v nvidia-smi >/dev/null && nvidia-smi >>"$LOG" 2>&1 || true
 
 : >"$RESULTS"
-# shellcheck disable=SC2086  # BACKBONES and EXTRA are word lists
-"$PYTHON" benchmarks/throughput.py --device "$DEVICE" --backbones $BACKBONES --full $EXTRA \
-    >>"$RESULTS" 2>>"$LOG"
+for script in $SPEED; do
+    # shellcheck disable=SC2086  # BACKBONES and EXTRA are word lists
+    "$PYTHON" "benchmarks/$script.py" --device "$DEVICE" --backbones $BACKBONES --full $EXTRA \
+        >>"$RESULTS" 2>>"$LOG"
+done
 if [[ "$COMPILE" == 1 ]]; then
-    # shellcheck disable=SC2086
-    "$PYTHON" benchmarks/throughput.py --device "$DEVICE" --backbones ${BACKBONES%% *} \
-        --compile --skip data metabatch $EXTRA >>"$RESULTS" 2>>"$LOG" \
-        || echo "gpu.sh: the --compile pass failed (see $LOG)" >&2
+    for script in pretrain_speed meta_train_speed meta_test_speed; do
+        # shellcheck disable=SC2086
+        "$PYTHON" "benchmarks/$script.py" --device "$DEVICE" --backbones ${BACKBONES%% *} \
+            --compile --skip data metabatch $EXTRA >>"$RESULTS" 2>>"$LOG" \
+            || echo "gpu.sh: the --compile pass of $script failed (see $LOG)" >&2
+    done
 fi
 DATA_ROOT=${DATA_ROOT:-"$PWD/../shared/data/miniimagenet"}
 if [[ "$EVAL" == 1 && -f "$DATA_ROOT/val.csv" ]]; then

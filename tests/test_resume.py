@@ -32,12 +32,12 @@ import torch
 from conftest import tiny_overrides
 
 import metatransfer.phases.common as common_mod
-import metatransfer.phases.meta_train as meta_mod
-import metatransfer.phases.pretrain as pretrain_mod
+import metatransfer.training as training_mod
 from metatransfer.cli import main
 from metatransfer.data.transforms import Normalizer
 from metatransfer.errors import CheckpointError
-from metatransfer.runs import CheckpointSchedule, RunDir, StopRequest
+from metatransfer.runs import RunDir
+from metatransfer.training import CheckpointSchedule, StopRequest
 
 TESTS = Path(__file__).resolve().parent
 # The child registers the toy dataset (conftest) and slows every fsync by 10 ms: timing
@@ -232,8 +232,7 @@ def test_phase_commands_resume_after_sigint(tmp_path, reference, monkeypatch):
                 os.kill(os.getpid(), signal.SIGINT)
             return super().due(global_step)
 
-    monkeypatch.setattr(pretrain_mod, "CheckpointSchedule", SignalAt)
-    monkeypatch.setattr(meta_mod, "CheckpointSchedule", SignalAt)
+    monkeypatch.setattr(training_mod, "CheckpointSchedule", SignalAt)  # both phases' loop
     out = tmp_path / "run"
     threads = torch.get_num_threads()
     try:

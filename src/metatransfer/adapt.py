@@ -33,6 +33,7 @@ from .checkpoints import METADATA_KEY, ModelInfo, load_model, resolve_checkpoint
 from .data.base import ImageSplit
 from .data.images import IMAGE_EXTENSIONS, CorruptImageError, is_image_file, read_image
 from .data.transforms import Normalizer
+from .devices import resolve_device
 from .errors import DataError, MTLError
 from .evaluation import Embedder
 from .learners import METHODS, episode_logits
@@ -178,8 +179,6 @@ def available_methods(meta_path: Path | None, pretrained_path: Path | None) -> l
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
-    from .runs import resolve_device
-
     return device if isinstance(device, torch.device) else resolve_device(device)
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .devices import resolve_device
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,6 @@ def init_from_env(device: str = "auto") -> torch.device:
     ``auto``/``cuda`` mean ``cuda:LOCAL_RANK``; an explicit ``cuda:N`` would put several
     ranks on one GPU and is refused.
     """
-    from .runs import resolve_device
-
     if not launched_by_torchrun():
         return resolve_device(device)
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -15,13 +15,13 @@ Training state is one self-checking file (magic, SHA-256 of the payload, payload
 completely to a temp file and fsynced before the previous state is rotated to
 ``<phase>.prev.pt`` and the new one renamed into place: a kill at any instant leaves at
 least one complete state, and a truncated or corrupt one falls back to the previous good
-one with a warning. Phases save at step boundaries only (SIGINT/SIGTERM are deferred to the
-end of the current step), so a resumed run is bit-identical to an uninterrupted one on CPU.
+one with a warning. The training loop (:mod:`metatransfer.training`) saves at step
+boundaries only (SIGINT/SIGTERM are deferred to the end of the current step), so a resumed
+run is bit-identical to an uninterrupted one on CPU.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -29,10 +29,8 @@ import logging
 import os
 import platform
 import random
-import signal
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,9 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .config import RunConfig, save_config
-from .errors import CheckpointError, ConfigError, MTLError
+from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +52,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; an explicit CUDA request without CUDA is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' requested but CUDA is not available; use device=cpu")
-    return device
-
-
 def seed_phase(seed: int, phase: str) -> None:
     """Seed the global RNGs for the fresh start of ``phase`` from ``(seed, phase)`` only.
 
@@ -71,9 +59,7 @@ def seed_phase(seed: int, phase: str) -> None:
     process or finished in an earlier (interrupted) one. Under torchrun each rank gets
     its own stream.
     """
-    from . import distributed  # each process keeps its own stream (as cli.start seeds)
-
-    rank = distributed.rank()
+    rank = distributed.rank()  # each process keeps its own stream (as cli.start seeds)
     digest = hashlib.sha256(f"{seed}:{phase}:{rank}".encode()).digest()
     seed_everything(int.from_bytes(digest[:8], "little") % 2**63)
 
@@ -104,147 +90,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------------- interrupts
-
-
-class StopRequest:
-    """SIGINT/SIGTERM during a phase's training loop, honoured at the next step boundary.
-
-    Saving in the middle of ``optimizer.step()`` (or after the next batch's augmentation
-    drew random numbers) would record a state no uninterrupted run passes through, so the
-    first signal only sets :attr:`requested`; the loop saves after the current step and
-    raises ``KeyboardInterrupt``. A second signal raises at once (the last checkpoint
-    stands). Outside the armed loop, and off the main thread, signals act as before.
-    """
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._previous: dict = {}
-
-    def arm(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread() and not self._previous:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.getsignal(sig)
-                signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested is not None:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        log.warning("%s received: saving at the end of this step (send it again to stop "
-                    "without saving)", self.requested)
-
-    def disarm(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-
-_STOPS: list[StopRequest] = []
-
-
-def interruptible(phase_fn):
-    """Decorator for a phase: gives it a :class:`StopRequest` (see :func:`stop_request`)
-    and restores the signal handlers however the phase ends."""
-
-    @functools.wraps(phase_fn)
-    def wrapper(*args, **kwargs):
-        _STOPS.append(StopRequest())
-        try:
-            return phase_fn(*args, **kwargs)
-        finally:
-            _STOPS.pop().disarm()
-
-    return wrapper
-
-
-def stop_request() -> StopRequest:
-    """The armed :class:`StopRequest` of the running phase (inert outside one)."""
-    return (_STOPS[-1] if _STOPS else StopRequest()).arm()
-
-
-class CheckpointSchedule:
-    """When to save mid-phase: every ``every_steps`` steps and/or every ``minutes``."""
-
-    def __init__(self, every_steps: int, minutes: float) -> None:
-        self.every_steps, self.seconds = every_steps, minutes * 60
-        self.last = time.monotonic()
-
-    def due(self, global_step: int) -> bool:
-        if self.every_steps > 0 and global_step % self.every_steps == 0:
-            return True
-        return self.seconds > 0 and time.monotonic() - self.last > self.seconds
-
-    def saved(self) -> None:
-        self.last = time.monotonic()
-
-
-# ----------------------------------------------------------------------------- NaN/Inf
-
-
-class FiniteGuard:
-    """Non-finite losses (or gradient norms): ``stop`` the phase or ``skip`` the batch.
-
-    ``stop`` keeps a flag on the device (the first bad step, via ``torch.where``) and reads
-    it only at :meth:`check`, called before every checkpoint and at epoch end, so there is
-    no extra host sync per step and nothing non-finite is ever saved. ``skip`` must know
-    *before* ``optimizer.step()`` (momentum and Adam would move the parameters even on a
-    zeroed gradient), so it pays one host sync per step, only when chosen.
-    """
-
-    def __init__(self, policy: str, phase: str, device: torch.device, hint: str) -> None:
-        self.policy, self.phase, self.hint = policy, phase, hint
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        self.skipped = 0  # batches skipped in this process's current epoch
-        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def protect(self, *modules: torch.nn.Module) -> None:
-        """Under ``skip``, call before the forward pass: a skipped batch then also leaves
-        the buffers it updated (BatchNorm running statistics) as they were."""
-        if self.policy == "skip":
-            self._buffers = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
-
-    def allow(self, loss: torch.Tensor, step: int, grad_norm: torch.Tensor | None = None) -> bool:
-        """Whether to apply this step's update (``step``: 1-based global step)."""
-        bad = ~torch.isfinite(loss.detach())
-        if grad_norm is not None:
-            bad = bad | ~torch.isfinite(grad_norm.detach())
-        if self.policy == "skip":
-            from . import distributed  # every rank must skip the same steps
-
-            if distributed.all_reduce_sum(bad.int()) > 0:
-                with torch.no_grad():
-                    for buffer, saved in self._buffers:
-                        buffer.copy_(saved)
-                self.skipped += 1
-                log.warning("%s: non-finite loss at step %d, batch skipped", self.phase, step)
-                return False
-            return True
-        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
-        return True
-
-    def check(self) -> None:
-        """Raise (naming the first bad step) if a non-finite loss was seen; a host sync."""
-        first = int(self.first_bad)
-        if first >= 0:
-            raise MTLError(f"{self.phase}: the loss became NaN/Inf at step {first}; {self.hint} "
-                           f"(the last good checkpoint in state/ is kept; continue with "
-                           f"--resume and changed settings, or set nan_policy=skip)")
-
-
-def needs_grad_norm(policy: str, clip: float) -> bool:
-    return policy == "skip" or clip > 0
-
-
-def clip_and_norm(params, clip: float) -> torch.Tensor:
-    """Total gradient norm (a device tensor), clipping to ``clip`` when it is positive."""
-    params = [p for p in params if p.grad is not None]
-    if clip > 0:
-        return torch.nn.utils.clip_grad_norm_(params, clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
 # ----------------------------------------------------------------------------- preflight

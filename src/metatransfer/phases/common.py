@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from contextlib import nullcontext
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..config import RunConfig
 from ..data.base import ImageSplit
@@ -56,12 +54,6 @@ def make_embedder(cfg: RunConfig, backbone: nn.Module, split: ImageSplit,
 
 def make_normalizer(cfg: RunConfig, split: ImageSplit, device: torch.device) -> Normalizer:
     return Normalizer(split.mean, split.std, device, channels_last(cfg, device))
-
-
-def progress(iterable, enabled: bool = True, **kwargs):
-    """tqdm on stderr, quiet when not the main process."""
-    return tqdm(iterable, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
-                mininterval=1.0, **kwargs)
 
 
 def validation_accuracy(method: str, embedder: Embedder, split: ImageSplit, ways: int,

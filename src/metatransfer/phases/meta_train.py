@@ -34,24 +34,13 @@ from ..data.transforms import Normalizer, gather_uint8, to_device
 from ..errors import CheckpointError, MTLError
 from ..learners import adapt, linear_logits, normalize_features
 from ..models.ss import enable_ss
-from ..runs import (
-    CheckpointSchedule,
-    FiniteGuard,
-    RunDir,
-    clip_and_norm,
-    interruptible,
-    needs_grad_norm,
-    rng_state,
-    seed_phase,
-    set_rng_state,
-    stop_request,
-)
+from ..runs import RunDir, seed_phase
+from ..training import Step, TrainingLoop
 from .common import (
     autocast,
     make_embedder,
     make_normalizer,
     prepare_backbone,
-    progress,
     use_amp,
     validation_accuracy,
 )
@@ -210,7 +199,6 @@ def load_pretrained(path: Path) -> tuple:
     return info, build_backbone(info, state)
 
 
-@interruptible
 def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Path,
                show: bool = True) -> Path:
     """Run (or resume) meta-transfer learning; returns the best meta checkpoint's path.
@@ -219,11 +207,12 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
     holds every RNG, so a resumed run is bit-identical on CPU.
     """
     mc = cfg.meta
-    best_path = run.path / BEST
-    state = distributed.broadcast_object(run.load_state("meta") if run.is_main else None)
-    if state and state.get("done"):
-        log.info("meta-training already complete in %s", run.path)
-        return best_path
+    loop = TrainingLoop("meta", "meta-training", cfg, run, device, label="meta-train",
+                        epochs=mc.epochs, grad_clip=mc.grad_clip, best=BEST, show=show,
+                        nan_hint="lower meta.lr_ss / meta.lr_head or set meta.grad_clip",
+                        sums=("loss_sum", "acc_sum", "hard_sum"), count="count")
+    if loop.finished:
+        return loop.best_path
     with distributed.local_main_first():
         train = class_share(load_split(cfg.data, cfg.data.train_split), cfg.data.meta_holdout,
                             "meta")
@@ -231,7 +220,7 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
     sampler = EpisodeSampler(train.indices_by_class, mc.ways, mc.shots, mc.queries,
                              seed=cfg.seed, name=train.name)
     val.require(mc.ways, mc.shots + mc.queries, "validation episodes")
-    if not state:
+    if not loop.resuming:
         seed_phase(cfg.seed, "meta")
     info, backbone = load_pretrained(pretrained)
     if info.in_channels != train.channels:
@@ -245,16 +234,10 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
         groups.append({"params": [learner.weight0, learner.bias0], "lr": mc.lr_head})
     optimizer = torch.optim.Adam(groups)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, max(mc.step_size, 1), mc.gamma)
-    epoch, start_step, best_acc, totals = 0, 0, -1.0, None
-    if state:
-        learner.load_state_dict(state["learner"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        epoch, start_step, best_acc = state["epoch"], state["step"], state["best_acc"]
-        set_rng_state(state["rng"])
-        # running sums are rank 0's own share (a logging detail on several ranks)
-        totals = state.get("totals") if start_step and run.is_main else None
-        log.info("resuming meta-training at epoch %d, step %d", epoch, start_step)
+    bn_train = mc.bn_mode == "train"
+    # BN statistics (bn_mode=train) see only this process's tasks: averaged each epoch
+    loop.restore({"learner": learner}, optimizer, scheduler, scheduler_per="epoch",
+                 average_buffers=bn_train, train_mode=bn_train)
 
     world = distributed.world_size()
     if world > 1:
@@ -263,7 +246,6 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
                  mc.ht_tasks if mc.ht != "off" else 0, mc.lr_ss, mc.lr_head)
     normalizer = make_normalizer(cfg, train, device)
     embedder = make_embedder(cfg, backbone, val, device, mc.feature_norm)
-    bn_train = mc.bn_mode == "train"
     meta_info = model_info(cfg, train, backbone, "meta")
     meta_info.ways = mc.ways
     meta_info.inner_steps, meta_info.inner_lr = mc.inner_steps, mc.inner_lr
@@ -271,85 +253,31 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
                        "ss_granularity": cfg.model.ss_granularity, "ht": mc.ht,
                        "head_init": mc.head_init}
 
-    guard = FiniteGuard(cfg.nan_policy, "meta-training", device,
-                        "lower meta.lr_ss / meta.lr_head or set meta.grad_clip")
-    schedule = CheckpointSchedule(cfg.checkpoint_every_steps, cfg.checkpoint_minutes)
-    want_norm = needs_grad_norm(cfg.nan_policy, mc.grad_clip)
-    stop = stop_request()
+    def train_step(epoch: int, step: int) -> Step:
+        """One meta-batch: its normal and hard tasks' mean query loss."""
+        loss, stats = meta_step(learner, train, sampler, epoch * mc.episodes_per_epoch + step,
+                                cfg, normalizer, device)
+        sums = {"loss_sum": loss.detach(), "acc_sum": stats["acc"]}
+        if "hard_acc" in stats:
+            sums["hard_sum"] = stats["hard_acc"]
+        return Step(loss, sums)
 
-    def save(step_in_epoch: int, ep: int, done: bool = False, running: dict | None = None) -> None:
-        guard.check()  # never save a state that has seen a NaN/Inf loss
-        run.save_state("meta", {
-            "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": ep, "step": step_in_epoch,
-            "best_acc": best_acc, "rng": rng_state(), "done": done, "totals": running or {},
-        })
-        schedule.saved()
-
-    while epoch < mc.epochs:
-        learner.train(bn_train)
-        loss_sum = torch.zeros((), device=device)
-        acc_sum = torch.zeros((), device=device)
-        hard_sum = torch.zeros((), device=device)
-        count, guard.skipped = 0, 0
-        if totals:  # resumed mid-epoch: the epoch's running sums so far
-            loss_sum += totals["loss_sum"].to(device)
-            acc_sum += totals["acc_sum"].to(device)
-            hard_sum += totals["hard_sum"].to(device)
-            count, guard.skipped, totals = totals["count"], totals["skipped"], None
-        bar = progress(range(start_step, mc.episodes_per_epoch), run.is_main and show,
-                       desc=f"meta-train {epoch + 1}/{mc.epochs}", leave=False)
-        for step in bar:
-            guard.protect(learner)
-            loss, stats = meta_step(learner, train, sampler, epoch * mc.episodes_per_epoch + step,
-                                    cfg, normalizer, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.all_reduce_grads(learner.parameters())  # sum of the shares
-            global_step = epoch * mc.episodes_per_epoch + step + 1
-            norm = clip_and_norm(learner.parameters(), mc.grad_clip) if want_norm else None
-            if guard.allow(loss, global_step, norm):
-                optimizer.step()
-                loss_sum += loss.detach()
-                acc_sum += stats["acc"]
-                if "hard_acc" in stats:
-                    hard_sum += stats["hard_acc"]
-                count += 1
-            if stop.requested or schedule.due(global_step):
-                save(step + 1, epoch, running={"loss_sum": loss_sum, "acc_sum": acc_sum,
-                                               "hard_sum": hard_sum, "count": count,
-                                               "skipped": guard.skipped})
-            if stop.requested:
-                raise KeyboardInterrupt
-        start_step = 0
-        guard.check()
-        scheduler.step()
-        loss_total, acc_total, hard_total = distributed.sum_floats(loss_sum, acc_sum, hard_sum)
-        if bn_train:  # BN statistics saw only this process's tasks
-            distributed.average_buffers(backbone)
-        train_loss = loss_total / max(count, 1)
-        val_acc, val_ci = validation_accuracy(
+    def validate() -> tuple[float, float]:
+        """Accuracy on val episodes, adapting from θ_0 as meta-testing does."""
+        return validation_accuracy(
             "mtl", embedder, val, mc.ways, mc.shots, mc.queries, mc.val_episodes,
             seed=cfg.eval.val_seed, steps=mc.inner_steps, lr=mc.inner_lr,
             head=(learner.weight0.detach(), learner.bias0.detach()))
-        epoch += 1
-        improved = val_acc > best_acc
-        if improved:
-            best_acc = val_acc
-            if run.is_main:
-                save_model(best_path, meta_info, backbone, learner.head())
-        extra = {"hard_acc": 100 * hard_total / max(count, 1)} if mc.ht != "off" else {}
-        if cfg.nan_policy == "skip":
-            extra["skipped_batches"] = guard.skipped
-        run.log("meta", epoch, loss=train_loss, train_acc=100 * acc_total / max(count, 1),
-                val_acc=val_acc, val_ci95=val_ci, **extra)
-        log.info("meta-train epoch %d/%d: loss %.4f, val %d-way %d-shot %.2f%% ± %.2f%s",
-                 epoch, mc.epochs, train_loss, mc.ways, mc.shots, val_acc, val_ci,
-                 " (best)" if improved else "")
-        save(0, epoch, done=epoch >= mc.epochs)
-        if stop.requested:
-            raise KeyboardInterrupt
-    if not best_path.is_file() and run.is_main:
-        save_model(best_path, meta_info, backbone, learner.head())
-    distributed.barrier()  # the other ranks read best_path next
-    return best_path
+
+    def summary(totals: dict) -> dict:
+        loss, acc, hard = distributed.sum_floats(totals["loss_sum"], totals["acc_sum"],
+                                                 totals["hard_sum"])
+        count = max(totals["count"], 1)
+        extra = {"hard_acc": 100 * hard / count} if mc.ht != "off" else {}
+        return {"loss": loss / count, "train_acc": 100 * acc / count, **extra}
+
+    def save_best() -> None:
+        save_model(loop.best_path, meta_info, backbone, learner.head())
+
+    return loop.run(mc.episodes_per_epoch, train_step, validate, summary, save_best,
+                    val_setting=f"{mc.ways}-way {mc.shots}-shot")

@@ -8,6 +8,7 @@ away afterwards.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
@@ -24,24 +25,13 @@ from ..data import load_split
 from ..data.base import class_share
 from ..data.transforms import augment_batch, augmentation, gather_uint8, to_device
 from ..errors import ConfigError
-from ..runs import (
-    CheckpointSchedule,
-    FiniteGuard,
-    RunDir,
-    clip_and_norm,
-    interruptible,
-    needs_grad_norm,
-    rng_state,
-    seed_phase,
-    set_rng_state,
-    stop_request,
-)
+from ..runs import RunDir, seed_phase
+from ..training import Step, TrainingLoop
 from .common import (
     autocast,
     make_embedder,
     make_normalizer,
     new_backbone,
-    progress,
     use_amp,
     validation_accuracy,
 )
@@ -68,7 +58,6 @@ def model_info(cfg: RunConfig, split, backbone: nn.Module, phase: str) -> ModelI
     )
 
 
-@interruptible
 def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = True) -> Path:
     """Run (or resume) pre-training; returns the path of the best checkpoint.
 
@@ -76,18 +65,19 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
     the state holds every RNG, so a resumed run is bit-identical on CPU.
     """
     pc = cfg.pretrain
-    best_path = run.path / BEST
-    state = distributed.broadcast_object(run.load_state("pretrain") if run.is_main else None)
-    if state and state.get("done"):
-        log.info("pre-training already complete in %s", run.path)
-        return best_path
+    loop = TrainingLoop("pretrain", "pre-training", cfg, run, device, epochs=pc.epochs,
+                        grad_clip=pc.grad_clip, best=BEST, show=show,
+                        nan_hint="lower pretrain.lr or set pretrain.grad_clip",
+                        sums=("loss_sum", "correct"), count="seen")
+    if loop.finished:
+        return loop.best_path
     with distributed.local_main_first():
         train = class_share(load_split(cfg.data, cfg.data.train_split), cfg.data.meta_holdout,
                             "pretrain")
         val = load_split(cfg.data, cfg.data.val_split)
     val.require(pc.val_ways, pc.val_shots + pc.val_queries, "validation episodes")
 
-    if not state:
+    if not loop.resuming:
         seed_phase(cfg.seed, "pretrain")
     backbone = new_backbone(cfg, train.channels, device)
     world = distributed.world_size()
@@ -97,9 +87,8 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
                               "kernel); set pretrain.sync_bn=false")
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
     head = nn.Linear(backbone.out_dim, train.num_classes).to(device)
-    params = [*backbone.parameters(), *head.parameters()]
-    optimizer = torch.optim.SGD(params, lr=pc.lr, momentum=pc.momentum,
-                                nesterov=pc.nesterov and pc.momentum > 0,
+    optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=pc.lr,
+                                momentum=pc.momentum, nesterov=pc.nesterov and pc.momentum > 0,
                                 weight_decay=pc.weight_decay)
     batch_size = min(pc.batch_size, len(train))  # global: all ranks together
     if batch_size < world:
@@ -108,21 +97,10 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
     steps_per_epoch = max(1, len(train) // batch_size)  # drop the ragged last batch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(cfg, step / steps_per_epoch))
+    loop.restore({"backbone": backbone, "head": head}, optimizer, scheduler,
+                 scheduler_per="step", ddp=True)
 
-    epoch, start_step, best_acc, totals = 0, 0, -1.0, None
-    if state:
-        backbone.load_state_dict(state["backbone"])
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        epoch, start_step, best_acc = state["epoch"], state["step"], state["best_acc"]
-        set_rng_state(state["rng"])
-        # running sums are rank 0's own: on several ranks a resumed epoch's train loss and
-        # accuracy cover rank 0's images before the interruption (a logging detail only)
-        totals = state.get("totals") if start_step and run.is_main else None
-        log.info("resuming pre-training at epoch %d, step %d", epoch, start_step)
-
-    distributed.own_rng_stream(cfg.seed, epoch, start_step)  # augmentation differs per rank
+    distributed.own_rng_stream(cfg.seed, loop.epoch, loop.start_step)  # augmentation per rank
     # Data parallel: each rank takes every world-th image of the global batch and DDP
     # averages the gradients; BatchNorm statistics are per rank unless pretrain.sync_bn.
     model = distributed.wrap_ddp(nn.Sequential(backbone, head), device)
@@ -134,86 +112,37 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
     amp = use_amp(cfg, device)
     embedder = make_embedder(cfg, backbone, val, device)
 
-    guard = FiniteGuard(cfg.nan_policy, "pre-training", device,
-                        "lower pretrain.lr or set pretrain.grad_clip")
-    schedule = CheckpointSchedule(cfg.checkpoint_every_steps, cfg.checkpoint_minutes)
-    want_norm = needs_grad_norm(cfg.nan_policy, pc.grad_clip)
-    stop = stop_request()
+    @functools.lru_cache(maxsize=1)
+    def batch_order(epoch: int) -> np.ndarray:
+        return np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
 
-    def save(step_in_epoch: int, ep: int, done: bool = False, running: dict | None = None) -> None:
-        guard.check()  # never save a state that has seen a NaN/Inf loss
-        run.save_state("pretrain", {
-            "backbone": backbone.state_dict(), "head": head.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": ep, "step": step_in_epoch, "best_acc": best_acc, "rng": rng_state(),
-            "done": done, "totals": running or {},
-        })
-        schedule.saved()
+    def train_step(epoch: int, step: int) -> Step:
+        """Cross-entropy of one augmented batch over all base classes."""
+        batch = batch_order(epoch)[step * batch_size:(step + 1) * batch_size]
+        indices = distributed.shard(batch)
+        labels = to_device(train.labels[indices], device)
+        images = normalizer(augment_batch(gather_uint8(train, indices, device), transform))
+        with autocast(amp, device):
+            logits = model(images)
+        # this rank's share of the global batch's mean loss (the shares sum to it)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=pc.label_smoothing,
+                               reduction="sum") / len(batch)
+        return Step(loss, {"loss_sum": loss.detach() * len(batch),
+                           "correct": (logits.argmax(1) == labels).sum()}, count=len(indices))
 
-    while epoch < pc.epochs:
-        backbone.train()
-        head.train()
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        seen, guard.skipped = 0, 0
-        if totals:  # resumed mid-epoch: the epoch's running sums so far
-            loss_sum += totals["loss_sum"].to(device)
-            correct += totals["correct"].to(device)
-            seen, guard.skipped, totals = totals["seen"], totals["skipped"], None
-        bar = progress(range(start_step, steps_per_epoch), run.is_main and show,
-                       desc=f"pretrain {epoch + 1}/{pc.epochs}", leave=False)
-        for step in bar:
-            batch = order[step * batch_size:(step + 1) * batch_size]
-            indices = distributed.shard(batch)
-            labels = to_device(train.labels[indices], device)
-            images = augment_batch(gather_uint8(train, indices, device), transform)
-            images = normalizer(images)
-            guard.protect(backbone, head)
-            with autocast(amp, device):
-                logits = model(images)
-            # this rank's share of the global batch's mean loss (the shares sum to it)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=pc.label_smoothing,
-                                   reduction="sum") / len(batch)
-            optimizer.zero_grad(set_to_none=True)
-            (loss * world).backward()  # DDP averages over ranks: the sum of the shares
-            global_step = epoch * steps_per_epoch + step + 1
-            norm = clip_and_norm(params, pc.grad_clip) if want_norm else None
-            if guard.allow(loss, global_step, norm):
-                optimizer.step()
-                loss_sum += loss.detach() * len(batch)
-                correct += (logits.argmax(1) == labels).sum()
-                seen += len(indices)
-            scheduler.step()
-            if stop.requested or schedule.due(global_step):
-                save(step + 1, epoch, running={"loss_sum": loss_sum, "correct": correct,
-                                               "seen": seen, "skipped": guard.skipped})
-            if stop.requested:
-                raise KeyboardInterrupt
-        start_step = 0
-        guard.check()
-        loss_total, correct_total, seen = distributed.sum_floats(loss_sum, correct, seen)
-        distributed.average_buffers(backbone)  # BN running statistics, same on every rank
-        train_loss = loss_total / max(seen, 1)
-        val_acc, val_ci = validation_accuracy(
-            "protonet", embedder, val, pc.val_ways, pc.val_shots, pc.val_queries,
-            pc.val_episodes, seed=cfg.eval.val_seed)
-        epoch += 1
-        improved = val_acc > best_acc
-        if improved:
-            best_acc = val_acc
-            if run.is_main:
-                save_model(best_path, model_info(cfg, train, backbone, "pretrain"), backbone)
-        skipped = {"skipped_batches": guard.skipped} if cfg.nan_policy == "skip" else {}
-        run.log("pretrain", epoch, loss=train_loss, train_acc=100 * correct_total / max(seen, 1),
-                val_acc=val_acc, val_ci95=val_ci, lr=optimizer.param_groups[0]["lr"], **skipped)
-        log.info("pretrain epoch %d/%d: loss %.4f, val %d-way %d-shot %.2f%% ± %.2f%s",
-                 epoch, pc.epochs, train_loss, pc.val_ways, pc.val_shots, val_acc, val_ci,
-                 " (best)" if improved else "")
-        save(0, epoch, done=epoch >= pc.epochs)
-        if stop.requested:
-            raise KeyboardInterrupt
-    if not best_path.is_file() and run.is_main:  # zero epochs: keep the initial network
-        save_model(best_path, model_info(cfg, train, backbone, "pretrain"), backbone)
-    distributed.barrier()  # the other ranks read best_path next
-    return best_path
+    def validate() -> tuple[float, float]:
+        """Nearest-centroid accuracy of the embeddings on val episodes."""
+        return validation_accuracy("protonet", embedder, val, pc.val_ways, pc.val_shots,
+                                   pc.val_queries, pc.val_episodes, seed=cfg.eval.val_seed)
+
+    def summary(totals: dict) -> dict:
+        loss, correct, seen = distributed.sum_floats(totals["loss_sum"], totals["correct"],
+                                                     totals["seen"])
+        return {"loss": loss / max(seen, 1), "train_acc": 100 * correct / max(seen, 1),
+                "lr": optimizer.param_groups[0]["lr"]}
+
+    def save_best() -> None:
+        save_model(loop.best_path, model_info(cfg, train, backbone, "pretrain"), backbone)
+
+    return loop.run(steps_per_epoch, train_step, validate, summary, save_best,
+                    val_setting=f"{pc.val_ways}-way {pc.val_shots}-shot")

@@ -1,0 +1,320 @@
+"""What the speed benchmarks share: timing, peak memory, FLOP counts, the machine's dense
+rate, synthetic images, command-line options and the per-backbone driver.
+
+Every benchmark prints one JSON object per measurement on stdout (``emit``), starting
+with a ``machine`` record and, per ``backbone@size``, a ``matmul`` record (the dense rate
+the ``fraction_of_matmul`` figures are relative to), and ending with ``total``. The
+options are the same for every script, so one command line (``gpu.sh``'s ``EXTRA``)
+serves them all; each script uses the ones it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from metatransfer.config import RunConfig
+from metatransfer.data.base import ImageSplit
+from metatransfer.data.transforms import Normalizer
+from metatransfer.models import create_backbone
+from metatransfer.phases.common import channels_last, use_amp
+
+log = logging.getLogger("benchmarks")
+DEFAULT_BACKBONES = ["conv4@28", "conv4@84", "resnet12@84", "resnet25@80"]
+HEAVY_GFLOP = 1.0  # backbones above this forward cost per image get the CPU-light schedule
+
+
+def emit(record: dict) -> None:
+    """One measurement as one JSON line on stdout."""
+    print(json.dumps(record, sort_keys=False), flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[int], object], iters: int, warmup: int, device: torch.device,
+          sync_check: bool = False) -> tuple[float, int]:
+    """Fastest seconds per call of ``fn(i)`` after ``warmup`` calls, and host syncs seen.
+
+    The minimum, not the median: on a shared machine other processes only ever add time,
+    so the fastest call is the best estimate of what the code costs on a quiet one.
+
+    ``sync_check`` (CUDA) turns on PyTorch's sync debug mode during the timed calls and
+    counts its warnings: each is a host<->device synchronisation the loop forces.
+    """
+    for i in range(warmup):
+        fn(i)
+    sync(device)
+    times, syncs = [], 0
+    for i in range(warmup, warmup + iters):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if sync_check:
+                torch.cuda.set_sync_debug_mode("warn")
+            start = time.perf_counter()
+            fn(i)
+            sync(device)
+            times.append(time.perf_counter() - start)
+            if sync_check:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs += sum("synchroniz" in str(w.message) for w in caught)
+    return min(times), syncs
+
+
+class PeakMemory:
+    """Peak memory (MiB) inside a ``with`` block: CUDA allocator peak, or peak RSS on CPU.
+
+    On Linux the RSS high-water mark is reset through ``/proc/self/clear_refs``; where
+    that is impossible the process-wide peak is reported (``reset`` false).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.reset, self.mib = device, False, float("nan")
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.reset = True
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self.reset = True
+            except OSError:
+                self.reset = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+            return
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.mib = int(line.split()[1]) / 1024
+        except OSError:
+            import resource
+
+            self.mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of the matmuls and convolutions ``fn`` runs (``torch.utils.flop_counter``)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def fastest(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Fastest seconds of ``repeats`` calls of ``fn`` after one untimed call."""
+    fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32,
+                size: int | None = None, repeats: int = 5) -> float:
+    """Best dense ``size x size`` matmul rate over ``repeats`` calls, in GFLOP/s."""
+    n = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / fastest(lambda: torch.mm(a, b), device, repeats) / 1e9
+
+
+def conv_gemm_rate(device: torch.device, size: int | None = None, repeats: int = 5) -> float:
+    """The same dense product as :func:`matmul_rate`, run as a 1x1 convolution (GFLOP/s).
+
+    Convolutions go through oneDNN on CPU, ``torch.mm`` through the BLAS; on some CPUs
+    (e.g. MKL on AMD) the BLAS path is much slower, so the machine's dense rate is the
+    faster of the two.
+    """
+    n = size or (8192 if device.type == "cuda" else 2048)
+    side = max(1, n // 64)
+    x = torch.randn(1, n, 64, side, device=device)
+    w = torch.randn(n, n, 1, 1, device=device)
+    return 2 * n * n * 64 * side / fastest(lambda: F.conv2d(x, w), device, repeats) / 1e9
+
+
+def synthetic_split(size: int, channels: int = 3, classes: int = 20, per_class: int = 40,
+                    seed: int = 0) -> ImageSplit:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(classes * per_class, size, size, channels),
+                          dtype=np.uint8)
+    labels = np.repeat(np.arange(classes), per_class)
+    return ImageSplit(images, labels, [f"c{i}" for i in range(classes)], f"synthetic{size}",
+                      (0.5,) * channels, (0.25,) * channels)
+
+
+def machine() -> dict:
+    model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": model, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "mkldnn": torch.backends.mkldnn.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+# ----------------------------------------------------------------------------- per backbone
+
+
+class Setup:
+    """One backbone at one image size on one device: config, synthetic data, FLOPs, dense rate."""
+
+    def __init__(self, args: argparse.Namespace, name: str, size: int,
+                 device: torch.device) -> None:
+        self.args, self.name, self.size, self.device = args, name, size, device
+        self.cfg = RunConfig()
+        self.cfg.model.backbone = name
+        self.cfg.model.backbone_args = dict(args.backbone_args)
+        self.cfg.compile = args.compile
+        self.amp = use_amp(self.cfg, device)
+        self.cl = channels_last(self.cfg, device)
+        channels = 3
+        self.split = synthetic_split(size, channels, per_class=max(40, 16 + 15 + 5))
+        self.normalizer = Normalizer(self.split.mean, self.split.std, device)
+        self.base = {"backbone": name, "size": size, "device": str(device),
+                     "amp": "bf16" if self.amp else "off", "channels_last": self.cl,
+                     "compile": args.compile}
+        probe = self.new_backbone()
+        self.fwd_flops = count_flops(lambda: self._forward(probe, 2)) / 2
+        self.heavy = device.type == "cpu" and self.fwd_flops / 1e9 > HEAVY_GFLOP
+        mm = matmul_rate(device, size=args.matmul_size)
+        conv = conv_gemm_rate(device, size=args.matmul_size)
+        self.peak_gflops = max(mm, conv)
+        self.peak_bf16 = matmul_rate(device, torch.bfloat16, args.matmul_size) if self.amp else None
+        emit({**self.base, "measure": "matmul", "fp32_gflops": round(self.peak_gflops, 1),
+              "mm_gflops": round(mm, 1), "conv1x1_gflops": round(conv, 1),
+              "bf16_gflops": self.peak_bf16 and round(self.peak_bf16, 1)})
+
+    # -- building blocks
+
+    def new_backbone(self) -> nn.Module:
+        torch.manual_seed(0)
+        model = create_backbone(self.name, in_channels=3, **self.cfg.model.backbone_args)
+        model = model.to(self.device)
+        if self.cl:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def maybe_compile(self, module: nn.Module) -> nn.Module:
+        return torch.compile(module) if self.args.compile else module
+
+    def _forward(self, model: nn.Module, n: int) -> None:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(n, 3, self.size, self.size, device=self.device))
+
+    def peak_for(self) -> float:
+        return self.peak_bf16 or self.peak_gflops
+
+    def rate(self, flops: float, seconds: float) -> dict:
+        """Achieved rate, as a fraction of the matmul rate measured right now.
+
+        On a shared CPU the available rate drifts with other processes' load, so the
+        matmul reference is re-measured after every timed section and the higher of it
+        and the first reading is used (the conservative fraction).
+        """
+        gflops = flops / seconds / 1e9
+        peak = self.peak_for()
+        if self.device.type == "cpu":
+            size = self.args.matmul_size
+            peak = max(peak, matmul_rate(self.device, size=size, repeats=3),
+                       conv_gemm_rate(self.device, size=size, repeats=3))
+        return {"gflop": round(flops / 1e9, 3), "achieved_gflops": round(gflops, 2),
+                "matmul_gflops": round(peak, 1), "fraction_of_matmul": round(gflops / peak, 4)}
+
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbones", nargs="+", default=DEFAULT_BACKBONES,
+                   help="name@size items (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations per measurement")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbones")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    p.add_argument("--batch", type=int, default=0,
+                   help="pre-training batch (0: 128 on CUDA; 64, or 8 for ResNets, on CPU)")
+    p.add_argument("--queries", type=int, default=15)
+    p.add_argument("--inner-steps", type=int, default=100)
+    p.add_argument("--eval-episodes", type=int, default=600,
+                   help="episodes of the cached meta-test measurement")
+    p.add_argument("--matmul-size", type=int, default=0,
+                   help="side of the reference matmul (0: 2048 on CPU, 8192 on CUDA)")
+    p.add_argument("--meta-batch-k", type=int, default=4)
+    p.add_argument("--backbone-args", type=json.loads, default={},
+                   help='JSON keyword arguments for every backbone, e.g. \'{"width": 8}\'')
+    p.add_argument("--full", action="store_true",
+                   help="every shot/order and measured per-episode test for ResNets on CPU too")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes for a smoke test (conv4 width 8, few steps and episodes)")
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=["pretrain", "data", "meta", "metabatch", "metatest"],
+                   help="measurements to leave out (each script honours its own)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.iters, args.warmup, args.inner_steps = 1, 0, 5
+        args.queries, args.eval_episodes, args.batch = 3, 20, args.batch or 8
+        args.backbone_args = {"width": 8, **args.backbone_args}
+        args.matmul_size = args.matmul_size or 512
+    return args
+
+
+def run(measure: Callable[[Setup], object], doc: str, argv: list[str] | None = None) -> None:
+    """Parse the options, then ``measure`` every ``--backbones`` item on the device."""
+    args = parse_args(doc.split("\n\n")[0], sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    emit({"measure": "machine", "device": str(device), **machine()})
+    total = time.perf_counter()
+    for item in args.backbones:
+        name, _, size = item.partition("@")
+        start = time.perf_counter()
+        measure(Setup(args, name, int(size or 84), device))
+        log.info("%s done in %.0f s", item, time.perf_counter() - start)
+    emit({"measure": "total", "seconds": round(time.perf_counter() - total, 1)})

@@ -1,0 +1,416 @@
+"""The training loop both phases drive, and the safety machinery around it.
+
+A phase (pre-training, meta-training) builds its networks, optimizer and scheduler, then
+hands :class:`TrainingLoop` two functions: what one step computes (a :class:`Step`: the
+loss share of this process and the sums the epoch's metrics are made of) and how the
+phase is validated. The loop does the rest, identically for both:
+
+* resume: the state file (``state/<phase>.pt``, see :class:`~metatransfer.runs.RunDir`)
+  holds the modules, optimizer, scheduler, epoch, step in the epoch, best validation
+  accuracy, every RNG and the epoch's running sums, so a run resumed at any step is
+  bit-identical on CPU to one never interrupted;
+* the checkpoint schedule (``checkpoint_every_steps``, ``checkpoint_minutes``) and the
+  stop request (SIGINT/SIGTERM honoured at the next step boundary, :class:`StopRequest`);
+* the NaN/Inf policy (:class:`FiniteGuard`: ``stop`` the phase or ``skip`` the batch) and
+  optional gradient clipping;
+* gradients over processes under torchrun (DDP, or one all-reduce of the shares);
+* per-epoch validation, keeping the best model, metrics records and progress bars.
+
+Step boundaries are the only points where state is saved, and the loop draws no random
+numbers itself: the random stream of a run is the phases' alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import distributed
+from .config import RunConfig
+from .errors import MTLError
+from .runs import RunDir, rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
+
+
+def progress(iterable, enabled: bool = True, **kwargs):
+    """tqdm on stderr, quiet when not the main process."""
+    return tqdm(iterable, disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+                mininterval=1.0, **kwargs)
+
+
+# ----------------------------------------------------------------------------- interrupts
+
+
+class StopRequest:
+    """SIGINT/SIGTERM during a phase's training loop, honoured at the next step boundary.
+
+    Saving in the middle of ``optimizer.step()`` (or after the next batch's augmentation
+    drew random numbers) would record a state no uninterrupted run passes through, so the
+    first signal only sets :attr:`requested`; the loop saves after the current step and
+    raises ``KeyboardInterrupt``. A second signal raises at once (the last checkpoint
+    stands). Outside the armed loop, and off the main thread, signals act as before.
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def arm(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: saving at the end of this step (send it again to stop "
+                    "without saving)", self.requested)
+
+    def disarm(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+_STOPS: list[StopRequest] = []
+
+
+def interruptible(fn):
+    """Decorator: gives ``fn`` a :class:`StopRequest` (see :func:`stop_request`) and
+    restores the signal handlers however it ends."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _STOPS.append(StopRequest())
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _STOPS.pop().disarm()
+
+    return wrapper
+
+
+def stop_request() -> StopRequest:
+    """The armed :class:`StopRequest` of the running loop (inert outside one)."""
+    return (_STOPS[-1] if _STOPS else StopRequest()).arm()
+
+
+class CheckpointSchedule:
+    """When to save mid-phase: every ``every_steps`` steps and/or every ``minutes``."""
+
+    def __init__(self, every_steps: int, minutes: float) -> None:
+        self.every_steps, self.seconds = every_steps, minutes * 60
+        self.last = time.monotonic()
+
+    def due(self, global_step: int) -> bool:
+        if self.every_steps > 0 and global_step % self.every_steps == 0:
+            return True
+        return self.seconds > 0 and time.monotonic() - self.last > self.seconds
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+# ----------------------------------------------------------------------------- NaN/Inf
+
+
+class FiniteGuard:
+    """Non-finite losses (or gradient norms): ``stop`` the phase or ``skip`` the batch.
+
+    ``stop`` keeps a flag on the device (the first bad step, via ``torch.where``) and reads
+    it only at :meth:`check`, called before every checkpoint and at epoch end, so there is
+    no extra host sync per step and nothing non-finite is ever saved. ``skip`` must know
+    *before* ``optimizer.step()`` (momentum and Adam would move the parameters even on a
+    zeroed gradient), so it pays one host sync per step, only when chosen.
+    """
+
+    def __init__(self, policy: str, phase: str, device: torch.device, hint: str) -> None:
+        self.policy, self.phase, self.hint = policy, phase, hint
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.skipped = 0  # batches skipped in this process's current epoch
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def protect(self, *modules: nn.Module) -> None:
+        """Under ``skip``, call before the forward pass: a skipped batch then also leaves
+        the buffers it updated (BatchNorm running statistics) as they were."""
+        if self.policy == "skip":
+            self._buffers = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+
+    def allow(self, loss: torch.Tensor, step: int, grad_norm: torch.Tensor | None = None) -> bool:
+        """Whether to apply this step's update (``step``: 1-based global step)."""
+        bad = ~torch.isfinite(loss.detach())
+        if grad_norm is not None:
+            bad = bad | ~torch.isfinite(grad_norm.detach())
+        if self.policy == "skip":
+            if distributed.all_reduce_sum(bad.int()) > 0:  # every rank skips the same steps
+                with torch.no_grad():
+                    for buffer, saved in self._buffers:
+                        buffer.copy_(saved)
+                self.skipped += 1
+                log.warning("%s: non-finite loss at step %d, batch skipped", self.phase, step)
+                return False
+            return True
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        return True
+
+    def check(self) -> None:
+        """Raise (naming the first bad step) if a non-finite loss was seen; a host sync."""
+        first = int(self.first_bad)
+        if first >= 0:
+            raise MTLError(f"{self.phase}: the loss became NaN/Inf at step {first}; {self.hint} "
+                           f"(the last good checkpoint in state/ is kept; continue with "
+                           f"--resume and changed settings, or set nan_policy=skip)")
+
+
+def needs_grad_norm(policy: str, clip: float) -> bool:
+    return policy == "skip" or clip > 0
+
+
+def clip_and_norm(params, clip: float) -> torch.Tensor:
+    """Total gradient norm (a device tensor), clipping to ``clip`` when it is positive."""
+    params = [p for p in params if p.grad is not None]
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Step:
+    """What one training step of a phase computed.
+
+    ``loss``: this process's share of the batch's loss (the shares sum to the loss of the
+    whole batch), the tensor the loop back-propagates and the NaN guard checks.
+    ``sums``: added to the epoch's running sums of the same names when the step is applied
+    (not when it is skipped); ``count``: added to the running count.
+    """
+
+    loss: torch.Tensor
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    count: int = 1
+
+
+class TrainingLoop:
+    """Epochs of steps with resume, checkpoints, stop requests, NaN guard and validation.
+
+    Use, in a phase::
+
+        loop = TrainingLoop("meta", "meta-training", cfg, run, device, epochs=..., ...)
+        if loop.finished:
+            return loop.best_path
+        if not loop.resuming:
+            seed_phase(cfg.seed, "meta")   # before building networks
+        ...build networks, optimizer, scheduler...
+        loop.restore({"learner": learner}, optimizer, scheduler)
+        return loop.run(steps_per_epoch, step, validate, summary, save_best, "5-way 1-shot")
+
+    ``phase`` names the state file and the metrics records, ``title`` the phase in messages,
+    ``label`` (default ``phase``) in progress bars and epoch logs; ``best`` is the file name
+    of the best model in the run directory; ``nan_hint`` what to change when the loss goes
+    NaN; ``sums`` and ``count`` name the epoch's running sums (device scalars) and count
+    (an int), the ``totals`` of a state.
+    """
+
+    def __init__(
+        self,
+        phase: str,
+        title: str,
+        cfg: RunConfig,
+        run: RunDir,
+        device: torch.device,
+        *,
+        epochs: int,
+        grad_clip: float,
+        nan_hint: str,
+        sums: Sequence[str],
+        count: str,
+        best: str,
+        label: str | None = None,
+        show: bool = True,
+    ) -> None:
+        self.phase, self.title, self.label = phase, title, label or phase
+        self.run_dir, self.device, self.show = run, device, show
+        self.epochs, self.best_path = epochs, run.path / best
+        self.nan_policy, self.nan_hint, self.grad_clip = cfg.nan_policy, nan_hint, grad_clip
+        self.every_steps, self.minutes = cfg.checkpoint_every_steps, cfg.checkpoint_minutes
+        self.sum_names, self.count_name = tuple(sums), count
+        self.state = distributed.broadcast_object(run.load_state(phase) if run.is_main else None)
+        self.epoch, self.start_step, self.best_acc = 0, 0, -1.0
+        self._totals: dict | None = None
+        self.modules: dict[str, nn.Module] = {}
+        if self.finished:
+            log.info("%s already complete in %s", title, run.path)
+
+    @property
+    def finished(self) -> bool:
+        """The phase completed in an earlier run."""
+        return bool(self.state and self.state.get("done"))
+
+    @property
+    def resuming(self) -> bool:
+        """A state was found: the phase continues where it stopped."""
+        return bool(self.state)
+
+    def restore(self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+                scheduler, *, scheduler_per: str = "step", ddp: bool = False,
+                average_buffers: bool = True, train_mode: bool = True) -> None:
+        """What the loop trains and saves; when resuming, load it all from the state.
+
+        ``modules``: saved under these keys; their parameters are what the optimizer steps
+        and the gradients that are clipped and (without ``ddp``) summed over processes.
+        ``scheduler_per``: ``step`` or ``epoch``. ``ddp``: the forward pass runs under
+        DistributedDataParallel, which averages gradients over processes in backward.
+        ``average_buffers``: average BatchNorm statistics over processes each epoch.
+        ``train_mode``: the mode the modules train in (``False``: eval mode, so BatchNorm
+        uses and keeps its running statistics).
+        """
+        self.modules, self.optimizer, self.scheduler = modules, optimizer, scheduler
+        self.scheduler_per, self.ddp = scheduler_per, ddp
+        self.average_buffers, self.train_mode = average_buffers, train_mode
+        self.params = [p for m in modules.values() for p in m.parameters()]
+        state = self.state
+        if not state:
+            return
+        for key, module in modules.items():
+            module.load_state_dict(state[key])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.start_step = state["epoch"], state["step"]
+        self.best_acc = state["best_acc"]
+        set_rng_state(state["rng"])
+        # running sums are rank 0's own: on several ranks a resumed epoch's train metrics
+        # cover rank 0's share before the interruption (a logging detail only)
+        self._totals = state.get("totals") if self.start_step and self.run_dir.is_main else None
+        log.info("resuming %s at epoch %d, step %d", self.title, self.epoch, self.start_step)
+
+    # ------------------------------------------------------------- running
+    def _save(self, step_in_epoch: int, epoch: int, done: bool = False,
+              running: dict | None = None) -> None:
+        self.guard.check()  # never save a state that has seen a NaN/Inf loss
+        self.run_dir.save_state(self.phase, {
+            **{key: module.state_dict() for key, module in self.modules.items()},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch, "step": step_in_epoch, "best_acc": self.best_acc, "rng": rng_state(),
+            "done": done, "totals": running or {},
+        })
+        self.schedule.saved()
+
+    def _new_totals(self) -> dict:
+        """The epoch's running sums, from zero or from the state of a mid-epoch resume."""
+        totals: dict = {name: torch.zeros((), device=self.device) for name in self.sum_names}
+        totals[self.count_name] = 0
+        self.guard.skipped = 0
+        if self._totals:
+            for name in self.sum_names:
+                totals[name] += self._totals[name].to(self.device)
+            totals[self.count_name] = self._totals[self.count_name]
+            self.guard.skipped = self._totals["skipped"]
+            self._totals = None
+        return totals
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Gradients of the whole batch's loss: every process holds their sum."""
+        if self.ddp:  # DDP averages over ranks: scale the share so the average is the sum
+            (loss * distributed.world_size()).backward()
+        else:
+            loss.backward()
+            distributed.all_reduce_grads(self.params)  # sum of the shares
+
+    @interruptible
+    def run(
+        self,
+        steps_per_epoch: int,
+        step: Callable[[int, int], Step],
+        validate: Callable[[], tuple[float, float]],
+        summary: Callable[[dict], dict],
+        save_best: Callable[[], None],
+        val_setting: str,
+    ) -> Path:
+        """Train the remaining epochs; returns :attr:`best_path`.
+
+        An epoch has ``steps_per_epoch`` steps; ``step(epoch, step_in_epoch)`` computes
+        one step's :class:`Step`; ``validate()`` gives the validation accuracy and its 95%
+        CI (percent); ``summary(totals)`` turns the epoch's running sums into the train
+        metrics ``loss``, ``train_acc`` and any extra values (it may all-reduce: every
+        process calls it); ``save_best()`` writes the best model (main process only);
+        ``val_setting`` (e.g. "5-way 1-shot") is for the log.
+        """
+        self.guard = FiniteGuard(self.nan_policy, self.title, self.device, self.nan_hint)
+        self.schedule = CheckpointSchedule(self.every_steps, self.minutes)
+        want_norm = needs_grad_norm(self.nan_policy, self.grad_clip)
+        stop = stop_request()
+        run, guard, optimizer = self.run_dir, self.guard, self.optimizer
+        per_step = steps_per_epoch
+
+        while self.epoch < self.epochs:
+            epoch = self.epoch
+            for module in self.modules.values():
+                module.train(self.train_mode)
+            totals = self._new_totals()
+            bar = progress(range(self.start_step, per_step), run.is_main and self.show,
+                           desc=f"{self.label} {epoch + 1}/{self.epochs}", leave=False)
+            for i in bar:
+                guard.protect(*self.modules.values())
+                result = step(epoch, i)
+                optimizer.zero_grad(set_to_none=True)
+                self._backward(result.loss)
+                global_step = epoch * per_step + i + 1
+                norm = clip_and_norm(self.params, self.grad_clip) if want_norm else None
+                if guard.allow(result.loss, global_step, norm):
+                    optimizer.step()
+                    for name, value in result.sums.items():
+                        totals[name] += value
+                    totals[self.count_name] += result.count
+                if self.scheduler_per == "step":
+                    self.scheduler.step()
+                if stop.requested or self.schedule.due(global_step):
+                    self._save(i + 1, epoch, running={**totals, "skipped": guard.skipped})
+                if stop.requested:
+                    raise KeyboardInterrupt
+            self.start_step = 0
+            guard.check()
+            if self.scheduler_per == "epoch":
+                self.scheduler.step()
+            metrics = summary(totals)
+            if self.average_buffers:  # BN statistics saw only this process's share
+                for module in self.modules.values():
+                    distributed.average_buffers(module)
+            val_acc, val_ci = validate()
+            self.epoch += 1
+            improved = val_acc > self.best_acc
+            if improved:
+                self.best_acc = val_acc
+                if run.is_main:
+                    save_best()
+            train_loss, train_acc = metrics.pop("loss"), metrics.pop("train_acc")
+            if self.nan_policy == "skip":
+                metrics["skipped_batches"] = guard.skipped
+            run.log(self.phase, self.epoch, loss=train_loss, train_acc=train_acc,
+                    val_acc=val_acc, val_ci95=val_ci, **metrics)
+            log.info("%s epoch %d/%d: loss %.4f, val %s %.2f%% ± %.2f%s", self.label,
+                     self.epoch, self.epochs, train_loss, val_setting, val_acc, val_ci,
+                     " (best)" if improved else "")
+            self._save(0, self.epoch, done=self.epoch >= self.epochs)
+            if stop.requested:
+                raise KeyboardInterrupt
+        if not self.best_path.is_file() and run.is_main:  # zero epochs: the initial model
+            save_best()
+        distributed.barrier()  # the other ranks read best_path next
+        return self.best_path
