@@ -17,7 +17,8 @@ from .config import RunConfig, load_config, preset_description, preset_names
 from .errors import ConfigError, MTLError
 
 log = logging.getLogger("metatransfer")
-_current_run: list[str] = []  # the run directory in use, for the interrupt message
+_current_run: list[str] = []
+DEFAULT_PRESET = "glyphs-conv4"  # the run directory in use, for the interrupt message
 
 
 # ----------------------------------------------------------------------------- options
@@ -46,7 +47,10 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
     overrides = list(args.overrides)
     if args.out:
         overrides.append(f"out={args.out}")
-    cfg = load_config(args.preset, args.config, overrides)
+    # no preset and no file: the built-in demo's tuned preset (the dataclass defaults are
+    # the paper's settings, which need far longer training than a demo has)
+    preset = args.preset or (None if args.config else DEFAULT_PRESET)
+    cfg = load_config(preset, args.config, overrides)
     if not cfg.out:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg.out = f"runs/{cfg.data.name}-{cfg.model.backbone}-{stamp}"
