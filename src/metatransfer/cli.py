@@ -23,14 +23,21 @@ _current_run: list[str] = []  # the run directory in use, for the interrupt mess
 # ----------------------------------------------------------------------------- options
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
+def add_config_options(parser: argparse.ArgumentParser, resume: bool = True) -> None:
     parser.add_argument("--preset", help="a preset name (see `mtl presets`)")
     parser.add_argument("--config", help="a YAML config file (applied after the preset)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a field, e.g. meta.inner_steps=50")
-    parser.add_argument("--out", help="run directory (default: runs/<dataset>-<backbone>-<time>)")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR with its saved config")
+    if not resume:  # meta-test: evaluations go to a new folder and resume nothing
+        parser.add_argument("--out", help="a new output directory (default: "
+                            "CHECKPOINT/eval-<time> for a run directory, else "
+                            "runs/<dataset>-<backbone>-eval-<time>)")
+        parser.set_defaults(resume=None)
+    else:
+        parser.add_argument("--out",
+                            help="run directory (default: runs/<dataset>-<backbone>-<time>)")
+        parser.add_argument("--resume", metavar="RUN_DIR",
+                            help="continue the run in RUN_DIR with its saved config")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -154,39 +161,77 @@ def cmd_meta_train(args: argparse.Namespace) -> None:
 
 
 def cmd_meta_test(args: argparse.Namespace) -> None:
-    from .checkpoints import resolve_checkpoint
-    from .phases.meta_test import meta_test, results_table
+    """Evaluate into a new directory: the evaluated run's files are never rewritten."""
+    from .checkpoints import check_checkpoint
 
+    source = Path(args.checkpoint)
+    meta_path = pretrained_path = None
+    if source.is_dir():  # a run directory: its best meta and pre-trained models
+        if (source / "meta_best.safetensors").is_file():
+            meta_path = check_checkpoint(source / "meta_best.safetensors")
+        if (source / "pretrain_best.safetensors").is_file():
+            pretrained_path = check_checkpoint(source / "pretrain_best.safetensors")
+        if meta_path is None and pretrained_path is None:
+            meta_path = check_checkpoint(source)  # a lone model.safetensors, or the error
+    else:
+        meta_path = check_checkpoint(source)
+    if args.pretrained:
+        pretrained_path = check_checkpoint(args.pretrained)
     if args.methods:
         args.overrides.append(f"eval.methods=[{args.methods}]")
     if args.episodes:
         args.overrides.append(f"eval.episodes={args.episodes}")
-    source = Path(args.checkpoint) if args.checkpoint else None
-    if source is not None and source.is_dir() and (source / "config.yaml").is_file() \
+    if source.is_dir() and (source / "config.yaml").is_file() \
             and not (args.preset or args.config):
         args.config = str(source / "config.yaml")
+    explicit = args.out or any(o.strip().startswith("out=") for o in args.overrides)
     cfg = resolve_run_config(args)
-    if source is None:
-        source = Path(cfg.out)
-    meta_path = pretrained_path = None
-    if source.is_dir():
-        if (source / "meta_best.safetensors").is_file():
-            meta_path = source / "meta_best.safetensors"
-        if (source / "pretrain_best.safetensors").is_file():
-            pretrained_path = source / "pretrain_best.safetensors"
-        if meta_path is None and pretrained_path is None:
-            resolve_checkpoint(source)  # raises the clear 'no checkpoint' error
+    from .phases.meta_test import ALL_METHODS, meta_test, results_table
+
+    unknown = [m for m in cfg.eval.methods if m not in ALL_METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method '{unknown[0]}'; choose from {', '.join(ALL_METHODS)}")
+    if explicit:
+        out = Path(cfg.out)
+        for name in ("results.json", "config.yaml"):
+            if (out / name).exists():
+                raise ConfigError(f"{out} already holds {name} (a run or an earlier "
+                                  "evaluation); choose another --out")
     else:
-        meta_path = resolve_checkpoint(source)
-    if args.pretrained:
-        pretrained_path = resolve_checkpoint(args.pretrained)
-    if args.out is None and not args.resume and source.is_dir():
-        cfg.out = str(source)
-    run, device = start(cfg)
-    results = meta_test(cfg, run, device, meta_path, pretrained_path, not args.quiet)
+        cfg.out = str(eval_dir(source, cfg))
+    fresh = not Path(cfg.out).exists()
+    try:
+        run, device = start(cfg)
+        results = meta_test(cfg, run, device, meta_path, pretrained_path, not args.quiet)
+    except BaseException:
+        from .distributed import is_main
+
+        if fresh and is_main() and Path(cfg.out).is_dir():  # leave no stray folder
+            import shutil
+
+            shutil.rmtree(cfg.out, ignore_errors=True)
+        _current_run.clear()  # an evaluation is rerun, not resumed
+        raise
+    if (run.path / "state").is_dir() and not any((run.path / "state").iterdir()):
+        (run.path / "state").rmdir()  # an evaluation has no training state
     say(results_table(results))
     say(f"\nresults in {run.path / 'results.md'}")
     run.close()
+
+
+def eval_dir(source: Path, cfg: RunConfig) -> Path:
+    """Where ``mtl meta-test`` writes by default: ``RUN_DIR/eval-<time>`` for a run
+    directory, else ``runs/<dataset>-<backbone>-eval-<time>``; never an existing folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if source.is_dir():
+        base = source / f"eval-{stamp}"
+    else:
+        base = Path("runs") / f"{cfg.data.name}-{cfg.model.backbone}-eval-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -236,8 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_meta_train)
 
     p = sub.add_parser("meta-test", help="phase 3: evaluate methods on seeded episodes")
-    add_config_options(p)
-    p.add_argument("--checkpoint", help="run directory or meta-trained checkpoint file")
+    add_config_options(p, resume=False)
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory or meta-trained checkpoint file")
     p.add_argument("--pretrained", help="pre-trained checkpoint for the ft/protonet baselines")
     p.add_argument("--method", dest="methods", help="comma-separated methods, e.g. mtl,ft")
     p.add_argument("--episodes", type=int, help="episodes per setting (default 600)")
