@@ -449,31 +449,3 @@ def cmd_adapt(args: argparse.Namespace) -> None:
         print(f"wrote {len(names)} predictions to {args.output}", file=sys.stderr)
     else:
         print(format_table(names, ranked))
-
-
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``adapt`` and ``serve``."""
-    p.add_argument("--checkpoint", required=True,
-                   help="run directory (meta_best, else pretrain_best) or .safetensors file")
-    p.add_argument("--method", choices=METHODS,
-                   help="mtl (SS + inner loop from theta_0), ft or protonet on pre-trained "
-                        "features (default: mtl when the checkpoint is meta-trained)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--inner-steps", type=int, help="base-learner steps (default: checkpoint's)")
-    p.add_argument("--inner-lr", type=float, help="base-learner lr (default: checkpoint's)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "adapt", help="classify your own images from a few examples per class",
-        description="Fit a few-shot classifier on SUPPORT (one sub-folder of images per "
-                    "class) and print the predicted class of each query image.")
-    add_model_options(p)
-    p.add_argument("--support", required=True, metavar="DIR",
-                   help="folder with one sub-folder of images per class (>= 2 classes)")
-    p.add_argument("--query", required=True, nargs="+", metavar="PATH",
-                   help="query image files or folders of images")
-    p.add_argument("--top", type=int, default=1, metavar="K", help="show the K best classes")
-    p.add_argument("--output", metavar="FILE", help="write predictions to FILE (.csv or .json)")
-    p.set_defaults(func=cmd_adapt)

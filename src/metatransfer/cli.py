@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import RunConfig, load_config, preset_description, preset_names
+from .config import METHODS, RunConfig, load_config, preset_description, preset_names
 from .errors import ConfigError, MTLError
 
 log = logging.getLogger("metatransfer")
@@ -105,6 +105,30 @@ def say(text: str) -> None:
 
     if is_main():
         print(text)
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``adapt`` and ``serve``."""
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory (meta_best, else pretrain_best) or .safetensors file")
+    p.add_argument("--method", choices=METHODS,
+                   help="mtl (SS + inner loop from theta_0), ft or protonet on pre-trained "
+                        "features (default: mtl when the checkpoint is meta-trained)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--inner-steps", type=int, help="base-learner steps (default: checkpoint's)")
+    p.add_argument("--inner-lr", type=float, help="base-learner lr (default: checkpoint's)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+
+
+def lazy(module: str, name: str):
+    """A command function imported only when the command runs (torch is slow to import)."""
+
+    def command(args: argparse.Namespace) -> None:
+        import importlib
+
+        return getattr(importlib.import_module(f"metatransfer.{module}"), name)(args)
+
+    return command
 
 
 # ----------------------------------------------------------------------------- commands
@@ -308,15 +332,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
     p.set_defaults(func=cmd_import)
 
+    p = sub.add_parser(
+        "adapt", help="classify your own images from a few examples per class",
+        description="Fit a few-shot classifier on SUPPORT (one sub-folder of images per "
+                    "class) and print the predicted class of each query image.")
+    add_model_options(p)
+    p.add_argument("--support", required=True, metavar="DIR",
+                   help="folder with one sub-folder of images per class (>= 2 classes)")
+    p.add_argument("--query", required=True, nargs="+", metavar="PATH",
+                   help="query image files or folders of images")
+    p.add_argument("--top", type=int, default=1, metavar="K", help="show the K best classes")
+    p.add_argument("--output", metavar="FILE", help="write predictions to FILE (.csv or .json)")
+    p.set_defaults(func=lazy("adapt", "cmd_adapt"))
+
     for register in _optional_commands():
         register(sub)
     return parser
 
 
 def _optional_commands():
-    """Commands whose modules register themselves (adapt, serve, report)."""
+    """Commands whose modules register themselves (serve, report); these modules must
+    not import torch at module level, so that `mtl --help` stays fast."""
     found = []
-    for module in ("adapt", "serve", "report"):
+    for module in ("serve", "report"):
         try:
             mod = __import__(f"metatransfer.{module}", fromlist=["register_cli"])
         except ImportError as exc:
@@ -338,8 +376,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     signal.signal(signal.SIGTERM, _terminate)
-    from . import distributed
-
     try:
         args.func(args)
     except MTLError as exc:
@@ -350,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{_rank_tag()}interrupted{hint}", file=sys.stderr)
         sys.exit(130)
     except RuntimeError as exc:
+        from . import distributed
+
         if not distributed.is_peer_failure(exc):
             raise
         # another rank died and printed its own error; this one just stops
@@ -357,10 +395,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {_rank_tag()}stopped because another process failed ({first})",
               file=sys.stderr)
         sys.exit(3)
-    distributed.shutdown()
+    if "metatransfer.distributed" in sys.modules:  # only commands that use torch load it
+        sys.modules["metatransfer.distributed"].shutdown()
 
 
 def _rank_tag() -> str:
+    if "metatransfer.distributed" not in sys.modules:  # no torch command ran
+        return ""
     from . import distributed
 
     return f"[rank {distributed.rank()}] " if distributed.is_distributed() else ""

@@ -113,6 +113,8 @@ class MetaConfig:
     val_episodes: int = 600  # selection episodes per epoch (eval.val_seed stream)
     grad_clip: float = 0.0  # 0 = off
 
+METHODS = ("mtl", "ft", "protonet")  # the episode learners (meta-test adds "ft-all")
+
 
 @dataclass
 class EvalConfig:
@@ -122,7 +124,7 @@ class EvalConfig:
     ways: list[int] = field(default_factory=lambda: [5])
     shots: list[int] = field(default_factory=lambda: [1, 5])
     queries: int = 15
-    methods: list[str] = field(default_factory=lambda: ["mtl", "ft", "protonet"])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
     inner_steps: int = 100
     inner_lr: float = 0.01
     seed: int = 1234  # episode seed, independent of the training seed

@@ -195,7 +195,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def register_cli(subparsers) -> None:
-    from .adapt import add_model_options
+    from .cli import add_model_options
 
     p = subparsers.add_parser(
         "serve", help="a local web page: drop images per class, classify new ones",
