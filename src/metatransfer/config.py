@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -205,7 +206,42 @@ def load_config(
     for item in overrides or []:
         cfg = apply_override(cfg, item)
     validate(cfg)
+    root = resolve_data_root(cfg.data.root)
+    if root != cfg.data.root:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
     return cfg
+
+
+# ----------------------------------------------------------------------------- data root
+
+DATA_ENV = "METATRANSFER_DATA"
+DATA_PLACEHOLDER = f"${DATA_ENV}"  # a preset's data.root may start with it
+
+
+def data_search_path() -> list[Path]:
+    """Folders searched for a preset's datasets: ``$METATRANSFER_DATA`` alone when set,
+    else ``../shared/data`` from the current directory, then beside the checkout."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return [Path(env).expanduser()]
+    checkout = Path(__file__).resolve().parents[2]  # <checkout>/src/metatransfer/config.py
+    return list(dict.fromkeys([Path("..", "shared", "data").resolve(),
+                               checkout.parent / "shared" / "data"]))
+
+
+def resolve_data_root(root: str | None) -> str | None:
+    """``$METATRANSFER_DATA/<name>`` -> the first searched folder holding ``<name>``.
+
+    Any other root is returned as is. When no folder holds it the placeholder is kept, and
+    loading the data fails with a message naming the variable (see ``require_root``).
+    """
+    if not root or not root.startswith(DATA_PLACEHOLDER):
+        return root
+    rest = root[len(DATA_PLACEHOLDER):].lstrip("/\\")
+    for base in data_search_path():
+        if (base / rest).is_dir():
+            return str(base / rest)
+    return root
 
 
 def _parse_yaml(text: str, where: str) -> dict:
