@@ -254,7 +254,7 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
         set_rng_state(state["rng"])
         # running sums are rank 0's own share (a logging detail on several ranks)
         totals = state.get("totals") if start_step and run.is_main else None
-        log.info("resuming meta-training at epoch %d, step %d", epoch, start_step)
+        log.info("resuming meta-training at epoch %d, step %d (1-based)", epoch + 1, start_step + 1)
 
     world = distributed.world_size()
     if world > 1:

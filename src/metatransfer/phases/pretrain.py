@@ -120,7 +120,7 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
         # running sums are rank 0's own: on several ranks a resumed epoch's train loss and
         # accuracy cover rank 0's images before the interruption (a logging detail only)
         totals = state.get("totals") if start_step and run.is_main else None
-        log.info("resuming pre-training at epoch %d, step %d", epoch, start_step)
+        log.info("resuming pre-training at epoch %d, step %d (1-based)", epoch + 1, start_step + 1)
 
     distributed.own_rng_stream(cfg.seed, epoch, start_step)  # augmentation differs per rank
     # Data parallel: each rank takes every world-th image of the global batch and DDP
