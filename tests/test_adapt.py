@@ -220,6 +220,19 @@ def test_in_memory_images_match_the_file_decoder(tmp_path):
     assert np.array_equal(_from_pil(palette, 16, 3), read_image(tmp_path / "p.png", 16, 3))
 
 
+def test_wrong_layouts_name_the_shape_given_and_the_accepted_ones():
+    hwc = torch.zeros(30, 41, 3)
+    with pytest.raises(DataError) as exc:
+        load_image(hwc, 16, 3, "class 'a' image 1")
+    msg = str(exc.value)
+    assert "(30, 41, 3)" in msg and "permute(2, 0, 1)" in msg and "(c, h, w)" in msg
+    assert "(30, 3, 41)" not in msg  # never a shape the user did not pass
+    with pytest.raises(DataError, match=r"\(3, 30, 41\).*transpose\(1, 2, 0\)"):
+        load_image(np.zeros((3, 30, 41), np.uint8), 16, 3)
+    with pytest.raises(DataError, match=r"\(2, 3, 30, 41\) is not an image.*accepted"):
+        load_image(torch.zeros(2, 3, 30, 41), 16, 3)
+
+
 def test_api_errors(run_dir, toy_test):
     clf = FewShotClassifier.from_checkpoint(run_dir, device="cpu")
     img = toy_test.images[0]

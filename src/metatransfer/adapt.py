@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
 
 _KINDS = "/".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+LAYOUTS = ("accepted: a path, a PIL image, a uint8 numpy array (h, w) or (h, w, c), or a "
+           "tensor (c, h, w) or (h, w), uint8 or float in [0, 1]; c is 1, 3 or 4")
 
 
 # ----------------------------------------------------------------------------- images
@@ -69,8 +71,10 @@ def _from_array(array: np.ndarray, size: int, channels: int, what: str) -> np.nd
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-        raise DataError(f"{what}: expected an image array of shape (h, w), (h, w, 1), "
-                        f"(h, w, 3) or (h, w, 4), got {tuple(array.shape)}")
+        hint = ("; it looks like (c, h, w): use array.transpose(1, 2, 0)"
+                if array.ndim == 3 and array.shape[0] in (1, 3, 4) else "")
+        raise DataError(f"{what}: a numpy array of shape {tuple(array.shape)} is not an "
+                        f"image{hint} ({LAYOUTS})")
     have = 1 if array.ndim == 2 else array.shape[2]
     if have == channels and array.shape[:2] == (size, size):
         return np.ascontiguousarray(array.reshape(size, size, channels))
@@ -80,6 +84,11 @@ def _from_array(array: np.ndarray, size: int, channels: int, what: str) -> np.nd
 def _from_tensor(tensor: torch.Tensor, size: int, channels: int, what: str) -> np.ndarray:
     """A ``(c, h, w)`` or ``(h, w)`` tensor, uint8 or float in [0, 1] (torchvision's layout)."""
     t = tensor.detach().cpu()
+    if t.dim() not in (2, 3) or (t.dim() == 3 and t.shape[0] not in (1, 3, 4)):
+        hint = ("; it looks like (h, w, c): use tensor.permute(2, 0, 1)"
+                if t.dim() == 3 and t.shape[2] in (1, 3, 4) else "")
+        raise DataError(f"{what}: a tensor of shape {tuple(t.shape)} is not an image{hint} "
+                        f"({LAYOUTS})")
     if t.is_floating_point():
         t = (t.clamp(0, 1) * 255).round().to(torch.uint8)
     elif t.dtype != torch.uint8:
@@ -115,8 +124,7 @@ def load_image(image: ImageLike, size: int, channels: int, what: str = "image") 
         return _from_array(image, size, channels, what)
     if isinstance(image, torch.Tensor):
         return _from_tensor(image, size, channels, what)
-    raise DataError(f"{what}: unsupported type {type(image).__name__}; pass a path, a PIL "
-                    "image, a uint8 numpy array (h, w, c) or a tensor (c, h, w)")
+    raise DataError(f"{what}: unsupported type {type(image).__name__} ({LAYOUTS})")
 
 
 def _as_list(images) -> list:
