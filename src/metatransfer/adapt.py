@@ -340,6 +340,32 @@ def load_classifiers(checkpoint: str | Path, methods: list[str] | None = None,
                               inner_steps, inner_lr) for m in methods]
 
 
+def domain_warning(info: ModelInfo, paths: Iterable[Path], sample: int = 8) -> str | None:
+    """A warning when the images are clearly unlike the model's training images: colour
+    photos for a grayscale model, or photos many times larger than its input size.
+
+    Only file headers of the first ``sample`` images are read."""
+    colour, largest = 0, 0
+    for path in list(paths)[:sample]:
+        try:
+            with Image.open(path) as im:
+                colour += im.mode not in ("1", "L", "LA", "I", "I;16", "F")
+                largest = max(largest, min(im.size))
+        except (OSError, ValueError):
+            continue  # unreadable files are reported when they are decoded
+    size, trained = int(info.image_size), f" ({info.source})" if info.source else ""
+    problems = []
+    if colour and int(info.in_channels) == 1:
+        problems.append("converted to grayscale")
+    if largest >= 4 * size and size < 64:
+        problems.append(f"shrunk from about {largest} px to {size}×{size}")
+    if not problems:
+        return None
+    return (f"the model was trained on {'grayscale' if info.in_channels == 1 else 'colour'} "
+            f"{size}×{size} images{trained}; your images are {' and '.join(problems)}, so "
+            "expect poor accuracy: use a checkpoint trained on images like yours")
+
+
 # ----------------------------------------------------------------------------- folders
 
 
@@ -444,6 +470,9 @@ def cmd_adapt(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     clf = FewShotClassifier.from_checkpoint(args.checkpoint, args.method, args.device,
                                             args.inner_steps, args.inner_lr)
+    warning = domain_warning(clf.info, [p for paths in support.values() for p in paths])
+    if warning:
+        log.warning(warning)
     clf.fit(support)
     probs = clf.predict_proba(queries)
     names = [str(q) for q in queries]
