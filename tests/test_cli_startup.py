@@ -42,3 +42,35 @@ def test_package_import_is_light_and_api_is_lazy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout
     assert out.strip() == "FewShotClassifier"
+
+
+def test_every_option_with_a_default_shows_it_in_help():
+    import argparse
+
+    from metatransfer.cli import build_parser
+
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    missing = []
+    for parser in parsers(build_parser()):
+        for action in parser._actions:
+            if action.default in (None, False, [], argparse.SUPPRESS) or not action.help:
+                continue
+            if "default" not in action.help:
+                missing.append(f"{parser.prog} {action.option_strings}")
+    assert not missing, missing
+    help_text = {cmd: _help(cmd) for cmd in ("serve", "adapt")}
+    assert "(default: 8000)" in help_text["serve"] and "(default: 1)" in help_text["adapt"]
+
+
+def _help(command: str) -> str:
+    from metatransfer.cli import build_parser
+
+    for action in build_parser()._subparsers._group_actions:
+        return action.choices[command].format_help()
+    return ""

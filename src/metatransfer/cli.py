@@ -114,10 +114,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=METHODS,
                    help="mtl (SS + inner loop from theta_0), ft or protonet on pre-trained "
                         "features (default: mtl when the checkpoint is meta-trained)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--inner-steps", type=int, help="base-learner steps (default: checkpoint's)")
     p.add_argument("--inner-lr", type=float, help="base-learner lr (default: checkpoint's)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads; 0 = torch's default (default: %(default)s)")
 
 
 def lazy(module: str, name: str):
@@ -341,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with one sub-folder of images per class (>= 2 classes)")
     p.add_argument("--query", required=True, nargs="+", metavar="PATH",
                    help="query image files or folders of images")
-    p.add_argument("--top", type=int, default=1, metavar="K", help="show the K best classes")
+    p.add_argument("--top", type=int, default=1, metavar="K",
+                   help="show the K best classes (default: %(default)s)")
     p.add_argument("--output", metavar="FILE", help="write predictions to FILE (.csv or .json)")
     p.set_defaults(func=lazy("adapt", "cmd_adapt"))
 
