@@ -74,3 +74,21 @@ def _help(command: str) -> str:
     for action in build_parser()._subparsers._group_actions:
         return action.choices[command].format_help()
     return ""
+
+
+def test_listing_commands(capsys):
+    from metatransfer.cli import main
+
+    main(["config", "keys"])
+    out = capsys.readouterr().out
+    assert "eval.episodes" in out and "int = 600" in out and "episodes per" in out
+    main(["config", "show", "--preset", "glyphs-conv4", "--set", "meta.inner_steps=7"])
+    assert "inner_steps: 7" in capsys.readouterr().out
+    main(["data", "list"])
+    out = capsys.readouterr().out
+    assert "miniimagenet" in out and "train.csv" in out and "glyphs" in out
+    main(["import", "--list"])
+    assert "authors-meta" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["import", "rfs"])
+    assert exc.value.code == 2 and "mtl import --list" in capsys.readouterr().err

@@ -74,3 +74,16 @@ def test_presets_do_not_hard_code_paths():
     for name in preset_names():
         root = load_config(preset=name).data.root
         assert root is None or root.startswith("$METATRANSFER_DATA") or Path(root).is_absolute()
+
+
+def test_config_keys_lists_every_set_key_with_type_default_and_help():
+    from metatransfer.config import apply_override, config_keys
+
+    rows = config_keys()
+    keys = [key for key, *_ in rows]
+    assert len(keys) == len(set(keys)) and "meta.inner_steps" in keys and "seed" in keys
+    cfg = RunConfig()
+    for key, kind, default, text in rows:
+        assert kind and text, f"{key} needs a type and a comment in config.py"
+        assert apply_override(cfg, f"{key}={default}") == cfg, key  # valid --set, as shown
+    assert ("model.ss_scope", "all | last", '"all"', "'last' = SS on the last stage only") in rows

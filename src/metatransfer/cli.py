@@ -265,6 +265,31 @@ def cmd_presets(args: argparse.Namespace) -> None:
         print(f"{name:24s} {preset_description(name)}")
 
 
+def cmd_config_keys(args: argparse.Namespace) -> None:
+    from .config import config_keys
+
+    rows = config_keys()
+    width = max(len(key) for key, *_ in rows)
+    for key, kind, default, text in rows:
+        print(f"{key:{width}s}  {kind} = {default}" + (f"  # {text}" if text else ""))
+
+
+def cmd_config_show(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .config import to_dict
+
+    cfg = load_config(args.preset, args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+
+
+def cmd_data_list(args: argparse.Namespace) -> None:
+    from .data.registry import dataset_layouts
+
+    for name, layout in dataset_layouts().items():
+        print(f"{name:16s} {layout}")
+
+
 def cmd_data_verify(args: argparse.Namespace) -> None:
     from .config import merge
     from .data.verify import verify_dataset
@@ -278,8 +303,15 @@ def cmd_data_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    from .importers import main_import
+    from .importers import IMPORT_FORMATS, main_import
 
+    if args.list:
+        for name, fmt in IMPORT_FORMATS.items():
+            print(f"{name:18s} {fmt.description} -> {fmt.backbone}")
+        return
+    if not (args.format and args.path and args.out):
+        raise ConfigError("usage: mtl import FORMAT PATH --out FILE (`mtl import --list` "
+                          "shows the formats)")
     print(main_import(args.format, args.path, args.out))
 
 
@@ -318,8 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the YAML presets")
     p.set_defaults(func=cmd_presets)
 
+    p = sub.add_parser("config", help="the config keys (--set KEY=VALUE) and resolved configs")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    k = config_sub.add_parser("keys", help="every --set key with its type, default and meaning")
+    k.set_defaults(func=cmd_config_keys)
+    s = config_sub.add_parser("show", help="print the config a preset/file/--set resolve to")
+    s.add_argument("--preset", help="a preset name (see `mtl presets`)")
+    s.add_argument("--config", help="a YAML config file (applied after the preset)")
+    s.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a field, e.g. meta.inner_steps=50")
+    s.set_defaults(func=cmd_config_show)
+
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    data_sub.add_parser("list", help="the dataset names (data.name) and their layout on disk") \
+        .set_defaults(func=cmd_data_list)
     v = data_sub.add_parser("verify", help="check a dataset on disk and summarise it")
     v.add_argument("name", help="dataset name, e.g. miniimagenet")
     v.add_argument("--root", help="dataset root folder")
@@ -329,9 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_data_verify)
 
     p = sub.add_parser("import", help="convert published weights to a metatransfer checkpoint")
-    p.add_argument("format", help="authors-pretrain | authors-meta | feat | rfs")
-    p.add_argument("path", help="the file to convert")
-    p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
+    p.add_argument("format", nargs="?", help="a format from --list: authors-pretrain, "
+                   "authors-meta, feat or rfs")
+    p.add_argument("path", nargs="?", help="the file to convert")
+    p.add_argument("--out", help="output checkpoint (.safetensors); required")
+    p.add_argument("--list", action="store_true", help="list the formats and exit")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(
