@@ -296,7 +296,8 @@ def cmd_data_verify(args: argparse.Namespace) -> None:
 
     cfg = load_config(overrides=args.overrides)
     data = merge(cfg.data, {"name": args.name, **({"root": args.root} if args.root else {})})
-    report, ok = verify_dataset(data, args.splits.split(",") if args.splits else None)
+    report, ok = verify_dataset(data, args.splits.split(",") if args.splits else None,
+                                progress=lambda text: print(text, file=sys.stderr, flush=True))
     print(report)
     if not ok:
         sys.exit(1)
