@@ -9,6 +9,7 @@ import pytest
 from conftest import tiny_overrides
 
 from metatransfer.cli import main
+from metatransfer.data import glyphs
 
 
 def tiny_command(command: str, out) -> list[str]:
@@ -102,6 +103,16 @@ def test_meta_test_methods_share_episodes_and_ft_all_runs(tmp_path, capsys):
     fails(["--method", "mtl,nope"], "unknown method 'nope'")
     fails(["--set", "eval.shots=[500]"], "500-shot")
     assert list(out.glob("eval-*")) == [evaluation]
+    assert "data_fingerprint" not in results  # only datasets that have one record it
+
+    # glyphs results record the fingerprint of the fonts the images were rendered from
+    glyph_eval = tmp_path / "glyph-eval"
+    run_cli(["meta-test", "--quiet", "--checkpoint", str(out), "--out", str(glyph_eval),
+             "--episodes", "4", "--method", "protonet", "--set", "data.name=glyphs",
+             "--set", "data.image_size=16", "--set", "data.glyph_classes=30",
+             "--set", "data.glyph_images=12", "--set", "eval.shots=[1]"])
+    results = json.loads((glyph_eval / "results.json").read_text())
+    assert results["data_fingerprint"] == glyphs.glyph_font_fingerprint()
 
 
 def test_meta_test_validates_before_creating_anything(tmp_path, capsys, monkeypatch):
