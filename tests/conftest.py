@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from metatransfer.config import DataConfig
+from metatransfer.config import DATA_ENV, DataConfig, data_search_path
 from metatransfer.data.base import ImageSplit
 from metatransfer.data.registry import register_dataset
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# the real data, found as the presets find it: $METATRANSFER_DATA, else ../shared/data
+SHARED_DATA = next((p for p in data_search_path() if p.is_dir()), data_search_path()[0])
+NO_DATA_HINT = f"set {DATA_ENV} to the folder holding miniimagenet/ and omniglot/"
 
 torch.set_num_threads(2)
 
@@ -50,7 +52,7 @@ def isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared offline data not found at {SHARED_DATA}")
+        pytest.skip(f"shared offline data not found at {SHARED_DATA}; {NO_DATA_HINT}")
     return SHARED_DATA
 
 

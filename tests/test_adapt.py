@@ -12,7 +12,7 @@ from conftest import make_toy_split, tiny_overrides
 from PIL import Image
 
 from metatransfer import FewShotClassifier
-from metatransfer.adapt import _from_pil, load_image
+from metatransfer.adapt import _from_pil, domain_warning, load_image
 from metatransfer.checkpoints import ModelInfo, load_model, save_model
 from metatransfer.cli import main
 from metatransfer.data.episodes import EpisodeSampler
@@ -218,6 +218,32 @@ def test_in_memory_images_match_the_file_decoder(tmp_path):
     palette = Image.fromarray(rgb).convert("P")
     palette.save(tmp_path / "p.png")
     assert np.array_equal(_from_pil(palette, 16, 3), read_image(tmp_path / "p.png", 16, 3))
+
+
+def test_wrong_layouts_name_the_shape_given_and_the_accepted_ones():
+    hwc = torch.zeros(30, 41, 3)
+    with pytest.raises(DataError) as exc:
+        load_image(hwc, 16, 3, "class 'a' image 1")
+    msg = str(exc.value)
+    assert "(30, 41, 3)" in msg and "permute(2, 0, 1)" in msg and "(c, h, w)" in msg
+    assert "(30, 3, 41)" not in msg  # never a shape the user did not pass
+    with pytest.raises(DataError, match=r"\(3, 30, 41\).*transpose\(1, 2, 0\)"):
+        load_image(np.zeros((3, 30, 41), np.uint8), 16, 3)
+    with pytest.raises(DataError, match=r"\(2, 3, 30, 41\) is not an image.*accepted"):
+        load_image(torch.zeros(2, 3, 30, 41), 16, 3)
+
+
+def test_warns_when_images_are_unlike_the_training_images(tmp_path):
+    rng = np.random.default_rng(0)
+    photo = write_png(tmp_path / "photo.png", rng.integers(0, 256, (300, 400, 3), np.uint8))
+    gray = write_png(tmp_path / "gray.png", rng.integers(0, 256, (32, 32), np.uint8))
+    glyphs = ModelInfo(backbone="conv4", in_channels=1, image_size=32, source="glyphs")
+    msg = domain_warning(glyphs, [gray, photo])
+    assert "grayscale 32×32 images (glyphs)" in msg
+    assert "converted to grayscale" in msg and "shrunk from about 300 px" in msg
+    assert domain_warning(glyphs, [gray]) is None
+    mini = ModelInfo(backbone="resnet12", in_channels=3, image_size=84, source="miniimagenet")
+    assert domain_warning(mini, [photo]) is None
 
 
 def test_api_errors(run_dir, toy_test):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from metatransfer.config import RunConfig, from_dict, load_config, preset_names, to_dict
@@ -48,3 +50,40 @@ def test_every_preset_loads():
 def test_unknown_preset_suggests():
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config(preset="no-such-preset")
+
+
+def test_preset_data_root_from_the_variable_or_the_search_path(tmp_path, monkeypatch):
+    from metatransfer.config import DATA_ENV, DATA_PLACEHOLDER
+    from metatransfer.data import load_split
+    from metatransfer.errors import DataError
+
+    (tmp_path / "data" / "miniimagenet").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # the current directory does not matter
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "data"))
+    cfg = load_config(preset="mini40-conv4")
+    assert cfg.data.root == str(tmp_path / "data" / "miniimagenet")
+    assert load_config(preset="mini40-conv4", overrides=["data.root=/x"]).data.root == "/x"
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "elsewhere"))  # set: the only place looked at
+    cfg = load_config(preset="omniglot-conv4")
+    assert cfg.data.root == f"{DATA_PLACEHOLDER}/omniglot"
+    with pytest.raises(DataError, match=f"no omniglot/ in .*elsewhere; set {DATA_ENV}"):
+        load_split(cfg.data, "train")
+
+
+def test_presets_do_not_hard_code_paths():
+    for name in preset_names():
+        root = load_config(preset=name).data.root
+        assert root is None or root.startswith("$METATRANSFER_DATA") or Path(root).is_absolute()
+
+
+def test_config_keys_lists_every_set_key_with_type_default_and_help():
+    from metatransfer.config import apply_override, config_keys
+
+    rows = config_keys()
+    keys = [key for key, *_ in rows]
+    assert len(keys) == len(set(keys)) and "meta.inner_steps" in keys and "seed" in keys
+    cfg = RunConfig()
+    for key, kind, default, text in rows:
+        assert kind and text, f"{key} needs a type and a comment in config.py"
+        assert apply_override(cfg, f"{key}={default}") == cfg, key  # valid --set, as shown
+    assert ("model.ss_scope", "all | last", '"all"', "'last' = SS on the last stage only") in rows

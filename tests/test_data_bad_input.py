@@ -202,6 +202,15 @@ def test_too_few_images_for_episode(tmp_path):
         data.require(2, 6)
 
 
+def test_too_many_ways_names_the_ways_once(tmp_path):
+    data = load_split(cfg_for("folder", folder_dataset(tmp_path / "f"), tmp_path), "train")
+    with pytest.raises(DataError) as exc:
+        data.require(200, 1, "200-way 1-shot test episodes")
+    assert str(exc.value).count("200-way") == 1
+    with pytest.raises(DataError, match="200-way validation episodes need 200 classes"):
+        data.require(200, 1, "validation episodes")
+
+
 # ----------------------------------------------------------------------------- split lists
 
 

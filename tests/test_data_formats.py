@@ -347,3 +347,9 @@ def test_verify_reports_sizes_and_problems(tmp_path):
     assert "train and test share 1 classes (first: a)" in report
     report, ok = verify_dataset(cfg_for("folder", root, tmp_path), ["nope"])
     assert not ok and "nope: cannot be read" in report and "split folder" in report
+    seen = []
+    report, ok = verify_dataset(cfg_for("folder", tmp_path / "missing", tmp_path),
+                                progress=seen.append)
+    assert not ok and report.count("does not exist") == 1, report  # once, not per split
+    assert "1 problem:" in report and "train, val, test: folder: root" in report
+    assert [s.split()[1] for s in seen] == ["folder/train", "folder/val", "folder/test"]

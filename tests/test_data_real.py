@@ -1,4 +1,5 @@
-"""The loaders on the real offline data in ``../shared/data`` (skipped when it is absent).
+"""The loaders on the real offline data (``$METATRANSFER_DATA``, else ``../shared/data``;
+skipped when it is absent).
 
 Decoding is the slow part (28,800 JPEGs, 19,280 PNGs on 2 cores), so one cache directory
 serves the whole module and each split is decoded once.
@@ -7,10 +8,10 @@ serves the whole module and each split is decoded once.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import NO_DATA_HINT, SHARED_DATA
 
 from metatransfer.config import DataConfig
 from metatransfer.data import load_split
@@ -18,14 +19,13 @@ from metatransfer.data.omniglot import VAL_ALPHABETS, _lake
 from metatransfer.data.verify import verify_dataset
 from metatransfer.errors import DataError
 
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
-MINI = DATA / "miniimagenet"
-OMNI = DATA / "omniglot"
+MINI = SHARED_DATA / "miniimagenet"
+OMNI = SHARED_DATA / "omniglot"
 
 needs_mini = pytest.mark.skipif(not (MINI / "train.csv").is_file(),
-                                reason=f"real miniImageNet not found at {MINI}")
+                                reason=f"real miniImageNet not found at {MINI}; {NO_DATA_HINT}")
 needs_omni = pytest.mark.skipif(not (OMNI / "images_background").is_dir(),
-                                reason=f"real Omniglot not found at {OMNI}")
+                                reason=f"real Omniglot not found at {OMNI}; {NO_DATA_HINT}")
 
 
 @pytest.fixture(scope="module")

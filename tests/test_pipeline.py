@@ -9,6 +9,7 @@ import pytest
 from conftest import tiny_overrides
 
 from metatransfer.cli import main
+from metatransfer.data import glyphs
 
 
 def tiny_command(command: str, out) -> list[str]:
@@ -77,7 +78,54 @@ def test_meta_test_methods_share_episodes_and_ft_all_runs(tmp_path, capsys):
     run_cli(args)
     args = ["meta-test", "--quiet", "--checkpoint", str(out), "--method", "mtl,ft-all,protonet",
             "--episodes", "6", "--set", "eval.ft_all_steps=3", "--set", "eval.shots=[1]"]
+    before = {name: (out / name).read_bytes()
+              for name in ("results.json", "results.md", "config.yaml", "environment.json")}
     run_cli(args)
-    results = json.loads((out / "results.json").read_text())
+    for name, data in before.items():  # the evaluated run's files are never rewritten
+        assert (out / name).read_bytes() == data, name
+    (evaluation,) = out.glob("eval-*")
+    results = json.loads((evaluation / "results.json").read_text())
     assert [r["method"] for r in results["results"]] == ["mtl", "ft-all", "protonet"]
     assert all(r["episodes"] == 6 for r in results["results"])
+    assert (evaluation / "config.yaml").is_file() and not (evaluation / "state").exists()
+    assert str(evaluation / "results.md") in capsys.readouterr().out
+
+    def fails(extra, message):
+        with pytest.raises(SystemExit) as exc:
+            main(["meta-test", "--quiet", "--checkpoint", str(out), "--episodes", "6", *extra])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+
+    # an explicit --out that holds results (the run itself, or an earlier evaluation)
+    fails(["--out", str(out)], "choose another --out")
+    fails(["--out", str(evaluation)], "choose another --out")
+    # failures before and during the evaluation leave no new folder behind
+    fails(["--method", "mtl,nope"], "unknown method 'nope'")
+    fails(["--set", "eval.shots=[500]"], "500-shot")
+    assert list(out.glob("eval-*")) == [evaluation]
+    assert "data_fingerprint" not in results  # only datasets that have one record it
+
+    # glyphs results record the fingerprint of the fonts the images were rendered from
+    glyph_eval = tmp_path / "glyph-eval"
+    run_cli(["meta-test", "--quiet", "--checkpoint", str(out), "--out", str(glyph_eval),
+             "--episodes", "4", "--method", "protonet", "--set", "data.name=glyphs",
+             "--set", "data.image_size=16", "--set", "data.glyph_classes=30",
+             "--set", "data.glyph_images=12", "--set", "eval.shots=[1]"])
+    results = json.loads((glyph_eval / "results.json").read_text())
+    assert results["data_fingerprint"] == glyphs.glyph_font_fingerprint()
+
+
+def test_meta_test_validates_before_creating_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["meta-test", "--quiet"])
+    assert exc.value.code == 2 and "--checkpoint" in capsys.readouterr().err
+    for bad in (tmp_path / "missing", tmp_path / "missing.safetensors"):
+        with pytest.raises(SystemExit) as exc:
+            main(["meta-test", "--quiet", "--checkpoint", str(bad)])
+        assert exc.value.code == 2 and "not found" in capsys.readouterr().err
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exc:
+        main(["meta-test", "--quiet", "--checkpoint", str(tmp_path / "junk.safetensors")])
+    assert exc.value.code == 2 and "truncated or corrupt" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.safetensors"]

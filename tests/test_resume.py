@@ -221,7 +221,7 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path, reference):
     assert_same_run(out, reference)
 
 
-def test_phase_commands_resume_after_sigint(tmp_path, reference, monkeypatch):
+def test_phase_commands_resume_after_sigint(tmp_path, reference, monkeypatch, caplog):
     """A real SIGINT at a chosen step of `mtl pretrain` / `mtl meta-train`: the phase saves
     at that step boundary, exits 130, and `--resume` finishes it bit-identically."""
     stop_at = {"step": 0}
@@ -240,7 +240,10 @@ def test_phase_commands_resume_after_sigint(tmp_path, reference, monkeypatch):
         assert cli(["pretrain", "--quiet", *sets(overrides(out))]) == 130
         state = RunDir(out).load_state("pretrain")
         assert (state["epoch"], state["step"], state["done"]) == (1, 2, False)
-        assert cli(["pretrain", "--quiet", "--resume", str(out)]) == 0
+        with caplog.at_level(logging.INFO, logger="metatransfer"):
+            assert cli(["pretrain", "--quiet", "--resume", str(out)]) == 0
+        # 1-based like the progress bars: two steps of epoch 2 done, the third is next
+        assert "resuming pre-training at epoch 2, step 3 (1-based)" in caplog.text
         assert_same_phase(out, reference, "pretrain")
 
         stop_at["step"] = 6  # epoch 2, step 2

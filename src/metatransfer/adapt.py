@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
 
 _KINDS = "/".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+LAYOUTS = ("accepted: a path, a PIL image, a uint8 numpy array (h, w) or (h, w, c), or a "
+           "tensor (c, h, w) or (h, w), uint8 or float in [0, 1]; c is 1, 3 or 4")
 
 
 # ----------------------------------------------------------------------------- images
@@ -70,8 +72,10 @@ def _from_array(array: np.ndarray, size: int, channels: int, what: str) -> np.nd
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-        raise DataError(f"{what}: expected an image array of shape (h, w), (h, w, 1), "
-                        f"(h, w, 3) or (h, w, 4), got {tuple(array.shape)}")
+        hint = ("; it looks like (c, h, w): use array.transpose(1, 2, 0)"
+                if array.ndim == 3 and array.shape[0] in (1, 3, 4) else "")
+        raise DataError(f"{what}: a numpy array of shape {tuple(array.shape)} is not an "
+                        f"image{hint} ({LAYOUTS})")
     have = 1 if array.ndim == 2 else array.shape[2]
     if have == channels and array.shape[:2] == (size, size):
         return np.ascontiguousarray(array.reshape(size, size, channels))
@@ -81,6 +85,11 @@ def _from_array(array: np.ndarray, size: int, channels: int, what: str) -> np.nd
 def _from_tensor(tensor: torch.Tensor, size: int, channels: int, what: str) -> np.ndarray:
     """A ``(c, h, w)`` or ``(h, w)`` tensor, uint8 or float in [0, 1] (torchvision's layout)."""
     t = tensor.detach().cpu()
+    if t.dim() not in (2, 3) or (t.dim() == 3 and t.shape[0] not in (1, 3, 4)):
+        hint = ("; it looks like (h, w, c): use tensor.permute(2, 0, 1)"
+                if t.dim() == 3 and t.shape[2] in (1, 3, 4) else "")
+        raise DataError(f"{what}: a tensor of shape {tuple(t.shape)} is not an image{hint} "
+                        f"({LAYOUTS})")
     if t.is_floating_point():
         t = (t.clamp(0, 1) * 255).round().to(torch.uint8)
     elif t.dtype != torch.uint8:
@@ -116,8 +125,7 @@ def load_image(image: ImageLike, size: int, channels: int, what: str = "image") 
         return _from_array(image, size, channels, what)
     if isinstance(image, torch.Tensor):
         return _from_tensor(image, size, channels, what)
-    raise DataError(f"{what}: unsupported type {type(image).__name__}; pass a path, a PIL "
-                    "image, a uint8 numpy array (h, w, c) or a tensor (c, h, w)")
+    raise DataError(f"{what}: unsupported type {type(image).__name__} ({LAYOUTS})")
 
 
 def _as_list(images) -> list:
@@ -331,6 +339,32 @@ def load_classifiers(checkpoint: str | Path, methods: list[str] | None = None,
                               inner_steps, inner_lr) for m in methods]
 
 
+def domain_warning(info: ModelInfo, paths: Iterable[Path], sample: int = 8) -> str | None:
+    """A warning when the images are clearly unlike the model's training images: colour
+    photos for a grayscale model, or photos many times larger than its input size.
+
+    Only file headers of the first ``sample`` images are read."""
+    colour, largest = 0, 0
+    for path in list(paths)[:sample]:
+        try:
+            with Image.open(path) as im:
+                colour += im.mode not in ("1", "L", "LA", "I", "I;16", "F")
+                largest = max(largest, min(im.size))
+        except (OSError, ValueError):
+            continue  # unreadable files are reported when they are decoded
+    size, trained = int(info.image_size), f" ({info.source})" if info.source else ""
+    problems = []
+    if colour and int(info.in_channels) == 1:
+        problems.append("converted to grayscale")
+    if largest >= 4 * size and size < 64:
+        problems.append(f"shrunk from about {largest} px to {size}×{size}")
+    if not problems:
+        return None
+    return (f"the model was trained on {'grayscale' if info.in_channels == 1 else 'colour'} "
+            f"{size}×{size} images{trained}; your images are {' and '.join(problems)}, so "
+            "expect poor accuracy: use a checkpoint trained on images like yours")
+
+
 # ----------------------------------------------------------------------------- folders
 
 
@@ -435,6 +469,9 @@ def cmd_adapt(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     clf = FewShotClassifier.from_checkpoint(args.checkpoint, args.method, args.device,
                                             args.inner_steps, args.inner_lr)
+    warning = domain_warning(clf.info, [p for paths in support.values() for p in paths])
+    if warning:
+        log.warning(warning)
     clf.fit(support)
     probs = clf.predict_proba(queries)
     names = [str(q) for q in queries]
@@ -448,31 +485,3 @@ def cmd_adapt(args: argparse.Namespace) -> None:
         print(f"wrote {len(names)} predictions to {args.output}", file=sys.stderr)
     else:
         print(format_table(names, ranked))
-
-
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``adapt`` and ``serve``."""
-    p.add_argument("--checkpoint", required=True,
-                   help="run directory (meta_best, else pretrain_best) or .safetensors file")
-    p.add_argument("--method", choices=METHODS,
-                   help="mtl (SS + inner loop from theta_0), ft or protonet on pre-trained "
-                        "features (default: mtl when the checkpoint is meta-trained)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--inner-steps", type=int, help="base-learner steps (default: checkpoint's)")
-    p.add_argument("--inner-lr", type=float, help="base-learner lr (default: checkpoint's)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "adapt", help="classify your own images from a few examples per class",
-        description="Fit a few-shot classifier on SUPPORT (one sub-folder of images per "
-                    "class) and print the predicted class of each query image.")
-    add_model_options(p)
-    p.add_argument("--support", required=True, metavar="DIR",
-                   help="folder with one sub-folder of images per class (>= 2 classes)")
-    p.add_argument("--query", required=True, nargs="+", metavar="PATH",
-                   help="query image files or folders of images")
-    p.add_argument("--top", type=int, default=1, metavar="K", help="show the K best classes")
-    p.add_argument("--output", metavar="FILE", help="write predictions to FILE (.csv or .json)")
-    p.set_defaults(func=cmd_adapt)

@@ -93,6 +93,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path} holds no model checkpoint (*.safetensors); train first")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"checkpoint {path} is not readable (permission denied); "
+                              "fix its permissions")
+    return path
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """Resolve ``path`` and validate its metadata without loading the tensors (cheap)."""
+    path = resolve_checkpoint(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or corrupt: {exc}); "
+            "use an earlier checkpoint or retrain"
+        ) from None
+    _model_info(path, meta)
     return path
 
 
@@ -108,6 +126,13 @@ def load_model(path: str | Path) -> tuple[ModelInfo, dict[str, torch.Tensor], di
             f"{path} is not a readable checkpoint (truncated or corrupt: {exc}); "
             "use an earlier checkpoint or retrain"
         ) from None
+    info = _model_info(path, meta)
+    backbone = {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}
+    head = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
+    return info, backbone, head
+
+
+def _model_info(path: Path, meta: dict) -> ModelInfo:
     if METADATA_KEY not in meta:
         raise CheckpointError(f"{path} is not a metatransfer checkpoint (no metadata); "
                               "convert other formats with `mtl import`")
@@ -119,10 +144,7 @@ def load_model(path: str | Path) -> tuple[ModelInfo, dict[str, torch.Tensor], di
             "use the metatransfer version that wrote it"
         )
     known = set(ModelInfo.__dataclass_fields__)
-    info = ModelInfo(**{k: v for k, v in raw.items() if k in known})
-    backbone = {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}
-    head = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
-    return info, backbone, head
+    return ModelInfo(**{k: v for k, v in raw.items() if k in known})
 
 
 def build_backbone(info: ModelInfo, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import RunConfig, load_config, preset_description, preset_names
+from .config import METHODS, RunConfig, load_config, preset_description, preset_names
 from .errors import ConfigError, MTLError
 
 log = logging.getLogger("metatransfer")
@@ -24,14 +24,21 @@ DEFAULT_PRESET = "glyphs-conv4"  # the run directory in use, for the interrupt m
 # ----------------------------------------------------------------------------- options
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
+def add_config_options(parser: argparse.ArgumentParser, resume: bool = True) -> None:
     parser.add_argument("--preset", help="a preset name (see `mtl presets`)")
     parser.add_argument("--config", help="a YAML config file (applied after the preset)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a field, e.g. meta.inner_steps=50")
-    parser.add_argument("--out", help="run directory (default: runs/<dataset>-<backbone>-<time>)")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR with its saved config")
+    if not resume:  # meta-test: evaluations go to a new folder and resume nothing
+        parser.add_argument("--out", help="a new output directory (default: "
+                            "CHECKPOINT/eval-<time> for a run directory, else "
+                            "runs/<dataset>-<backbone>-eval-<time>)")
+        parser.set_defaults(resume=None)
+    else:
+        parser.add_argument("--out",
+                            help="run directory (default: runs/<dataset>-<backbone>-<time>)")
+        parser.add_argument("--resume", metavar="RUN_DIR",
+                            help="continue the run in RUN_DIR with its saved config")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -104,6 +111,32 @@ def say(text: str) -> None:
         print(text)
 
 
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``adapt`` and ``serve``."""
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory (meta_best, else pretrain_best) or .safetensors file")
+    p.add_argument("--method", choices=METHODS,
+                   help="mtl (SS + inner loop from theta_0), ft or protonet on pre-trained "
+                        "features (default: mtl when the checkpoint is meta-trained)")
+    p.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    p.add_argument("--inner-steps", type=int, help="base-learner steps (default: checkpoint's)")
+    p.add_argument("--inner-lr", type=float, help="base-learner lr (default: checkpoint's)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads; 0 = torch's default (default: %(default)s)")
+
+
+def lazy(module: str, name: str):
+    """A command function imported only when the command runs (torch is slow to import)."""
+
+    def command(args: argparse.Namespace) -> None:
+        import importlib
+
+        return getattr(importlib.import_module(f"metatransfer.{module}"), name)(args)
+
+    return command
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -158,44 +191,107 @@ def cmd_meta_train(args: argparse.Namespace) -> None:
 
 
 def cmd_meta_test(args: argparse.Namespace) -> None:
-    from .checkpoints import resolve_checkpoint
-    from .phases.meta_test import meta_test, results_table
+    """Evaluate into a new directory: the evaluated run's files are never rewritten."""
+    from .checkpoints import check_checkpoint
 
+    source = Path(args.checkpoint)
+    meta_path = pretrained_path = None
+    if source.is_dir():  # a run directory: its best meta and pre-trained models
+        if (source / "meta_best.safetensors").is_file():
+            meta_path = check_checkpoint(source / "meta_best.safetensors")
+        if (source / "pretrain_best.safetensors").is_file():
+            pretrained_path = check_checkpoint(source / "pretrain_best.safetensors")
+        if meta_path is None and pretrained_path is None:
+            meta_path = check_checkpoint(source)  # a lone model.safetensors, or the error
+    else:
+        meta_path = check_checkpoint(source)
+    if args.pretrained:
+        pretrained_path = check_checkpoint(args.pretrained)
     if args.methods:
         args.overrides.append(f"eval.methods=[{args.methods}]")
     if args.episodes:
         args.overrides.append(f"eval.episodes={args.episodes}")
-    source = Path(args.checkpoint) if args.checkpoint else None
-    if source is not None and source.is_dir() and (source / "config.yaml").is_file() \
+    if source.is_dir() and (source / "config.yaml").is_file() \
             and not (args.preset or args.config):
         args.config = str(source / "config.yaml")
+    explicit = args.out or any(o.strip().startswith("out=") for o in args.overrides)
     cfg = resolve_run_config(args)
-    if source is None:
-        source = Path(cfg.out)
-    meta_path = pretrained_path = None
-    if source.is_dir():
-        if (source / "meta_best.safetensors").is_file():
-            meta_path = source / "meta_best.safetensors"
-        if (source / "pretrain_best.safetensors").is_file():
-            pretrained_path = source / "pretrain_best.safetensors"
-        if meta_path is None and pretrained_path is None:
-            resolve_checkpoint(source)  # raises the clear 'no checkpoint' error
+    from .phases.meta_test import ALL_METHODS, meta_test, results_table
+
+    unknown = [m for m in cfg.eval.methods if m not in ALL_METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method '{unknown[0]}'; choose from {', '.join(ALL_METHODS)}")
+    if explicit:
+        out = Path(cfg.out)
+        for name in ("results.json", "config.yaml"):
+            if (out / name).exists():
+                raise ConfigError(f"{out} already holds {name} (a run or an earlier "
+                                  "evaluation); choose another --out")
     else:
-        meta_path = resolve_checkpoint(source)
-    if args.pretrained:
-        pretrained_path = resolve_checkpoint(args.pretrained)
-    if args.out is None and not args.resume and source.is_dir():
-        cfg.out = str(source)
-    run, device = start(cfg)
-    results = meta_test(cfg, run, device, meta_path, pretrained_path, not args.quiet)
+        cfg.out = str(eval_dir(source, cfg))
+    fresh = not Path(cfg.out).exists()
+    try:
+        run, device = start(cfg)
+        results = meta_test(cfg, run, device, meta_path, pretrained_path, not args.quiet)
+    except BaseException:
+        from .distributed import is_main
+
+        if fresh and is_main() and Path(cfg.out).is_dir():  # leave no stray folder
+            import shutil
+
+            shutil.rmtree(cfg.out, ignore_errors=True)
+        _current_run.clear()  # an evaluation is rerun, not resumed
+        raise
+    if (run.path / "state").is_dir() and not any((run.path / "state").iterdir()):
+        (run.path / "state").rmdir()  # an evaluation has no training state
     say(results_table(results))
     say(f"\nresults in {run.path / 'results.md'}")
     run.close()
 
 
+def eval_dir(source: Path, cfg: RunConfig) -> Path:
+    """Where ``mtl meta-test`` writes by default: ``RUN_DIR/eval-<time>`` for a run
+    directory, else ``runs/<dataset>-<backbone>-eval-<time>``; never an existing folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if source.is_dir():
+        base = source / f"eval-{stamp}"
+    else:
+        base = Path("runs") / f"{cfg.data.name}-{cfg.model.backbone}-eval-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
 def cmd_presets(args: argparse.Namespace) -> None:
     for name in preset_names():
         print(f"{name:24s} {preset_description(name)}")
+
+
+def cmd_config_keys(args: argparse.Namespace) -> None:
+    from .config import config_keys
+
+    rows = config_keys()
+    width = max(len(key) for key, *_ in rows)
+    for key, kind, default, text in rows:
+        print(f"{key:{width}s}  {kind} = {default}" + (f"  # {text}" if text else ""))
+
+
+def cmd_config_show(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .config import to_dict
+
+    cfg = load_config(args.preset, args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+
+
+def cmd_data_list(args: argparse.Namespace) -> None:
+    from .data.registry import dataset_layouts
+
+    for name, layout in dataset_layouts().items():
+        print(f"{name:16s} {layout}")
 
 
 def cmd_data_verify(args: argparse.Namespace) -> None:
@@ -204,15 +300,23 @@ def cmd_data_verify(args: argparse.Namespace) -> None:
 
     cfg = load_config(overrides=args.overrides)
     data = merge(cfg.data, {"name": args.name, **({"root": args.root} if args.root else {})})
-    report, ok = verify_dataset(data, args.splits.split(",") if args.splits else None)
+    report, ok = verify_dataset(data, args.splits.split(",") if args.splits else None,
+                                progress=lambda text: print(text, file=sys.stderr, flush=True))
     print(report)
     if not ok:
         sys.exit(1)
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    from .importers import main_import
+    from .importers import IMPORT_FORMATS, main_import
 
+    if args.list:
+        for name, fmt in IMPORT_FORMATS.items():
+            print(f"{name:18s} {fmt.description} -> {fmt.backbone}")
+        return
+    if not (args.format and args.path and args.out):
+        raise ConfigError("usage: mtl import FORMAT PATH --out FILE (`mtl import --list` "
+                          "shows the formats)")
     print(main_import(args.format, args.path, args.out))
 
 
@@ -240,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_meta_train)
 
     p = sub.add_parser("meta-test", help="phase 3: evaluate methods on seeded episodes")
-    add_config_options(p)
-    p.add_argument("--checkpoint", help="run directory or meta-trained checkpoint file")
+    add_config_options(p, resume=False)
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory or meta-trained checkpoint file")
     p.add_argument("--pretrained", help="pre-trained checkpoint for the ft/protonet baselines")
     p.add_argument("--method", dest="methods", help="comma-separated methods, e.g. mtl,ft")
     p.add_argument("--episodes", type=int, help="episodes per setting (default 600)")
@@ -250,8 +355,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the YAML presets")
     p.set_defaults(func=cmd_presets)
 
+    p = sub.add_parser("config", help="the config keys (--set KEY=VALUE) and resolved configs")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    k = config_sub.add_parser("keys", help="every --set key with its type, default and meaning")
+    k.set_defaults(func=cmd_config_keys)
+    s = config_sub.add_parser("show", help="print the config a preset/file/--set resolve to")
+    s.add_argument("--preset", help="a preset name (see `mtl presets`)")
+    s.add_argument("--config", help="a YAML config file (applied after the preset)")
+    s.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a field, e.g. meta.inner_steps=50")
+    s.set_defaults(func=cmd_config_show)
+
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    data_sub.add_parser("list", help="the dataset names (data.name) and their layout on disk") \
+        .set_defaults(func=cmd_data_list)
     v = data_sub.add_parser("verify", help="check a dataset on disk and summarise it")
     v.add_argument("name", help="dataset name, e.g. miniimagenet")
     v.add_argument("--root", help="dataset root folder")
@@ -261,10 +379,26 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_data_verify)
 
     p = sub.add_parser("import", help="convert published weights to a metatransfer checkpoint")
-    p.add_argument("format", help="authors-pretrain | authors-meta | feat | rfs")
-    p.add_argument("path", help="the file to convert")
-    p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
+    p.add_argument("format", nargs="?", help="a format from --list: authors-pretrain, "
+                   "authors-meta, feat or rfs")
+    p.add_argument("path", nargs="?", help="the file to convert")
+    p.add_argument("--out", help="output checkpoint (.safetensors); required")
+    p.add_argument("--list", action="store_true", help="list the formats and exit")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser(
+        "adapt", help="classify your own images from a few examples per class",
+        description="Fit a few-shot classifier on SUPPORT (one sub-folder of images per "
+                    "class) and print the predicted class of each query image.")
+    add_model_options(p)
+    p.add_argument("--support", required=True, metavar="DIR",
+                   help="folder with one sub-folder of images per class (>= 2 classes)")
+    p.add_argument("--query", required=True, nargs="+", metavar="PATH",
+                   help="query image files or folders of images")
+    p.add_argument("--top", type=int, default=1, metavar="K",
+                   help="show the K best classes (default: %(default)s)")
+    p.add_argument("--output", metavar="FILE", help="write predictions to FILE (.csv or .json)")
+    p.set_defaults(func=lazy("adapt", "cmd_adapt"))
 
     for register in _optional_commands():
         register(sub)
@@ -272,9 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _optional_commands():
-    """Commands whose modules register themselves (adapt, serve, report)."""
+    """Commands whose modules register themselves (serve, report); these modules must
+    not import torch at module level, so that `mtl --help` stays fast."""
     found = []
-    for module in ("adapt", "serve", "report"):
+    for module in ("serve", "report"):
         try:
             mod = __import__(f"metatransfer.{module}", fromlist=["register_cli"])
         except ImportError as exc:
@@ -296,8 +431,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     signal.signal(signal.SIGTERM, _terminate)
-    from . import distributed
-
     try:
         args.func(args)
     except MTLError as exc:
@@ -308,6 +441,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{_rank_tag()}interrupted{hint}", file=sys.stderr)
         sys.exit(130)
     except RuntimeError as exc:
+        from . import distributed
+
         if not distributed.is_peer_failure(exc):
             raise
         # another rank died and printed its own error; this one just stops
@@ -315,10 +450,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {_rank_tag()}stopped because another process failed ({first})",
               file=sys.stderr)
         sys.exit(3)
-    distributed.shutdown()
+    if "metatransfer.distributed" in sys.modules:  # only commands that use torch load it
+        sys.modules["metatransfer.distributed"].shutdown()
 
 
 def _rank_tag() -> str:
+    if "metatransfer.distributed" not in sys.modules:  # no torch command ran
+        return ""
     from . import distributed
 
     return f"[rank {distributed.rank()}] " if distributed.is_distributed() else ""

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,9 +36,9 @@ class DataConfig:
     layout: str = "auto"  # miniimagenet: auto | csv | folder
     split_scheme: str = "lake"  # omniglot: lake | vinyals
     rotations: bool = False  # omniglot: add 90/180/270 degree rotations as new classes
-    train_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"
+    train_split: str = "train"  # split name used for training
+    val_split: str = "val"  # split name used for validation
+    test_split: str = "test"  # split name eval.split=test refers to
     augment: str = "standard"  # pre-training augmentation: none | standard
     glyph_classes: int = 480  # glyphs: number of characters (classes)
     glyph_images: int = 30  # glyphs: images per character
@@ -53,7 +55,7 @@ class ModelConfig:
 
     backbone: str = "conv4"  # conv4 | resnet12 | resnet12-tf | resnet25
     backbone_args: dict = field(default_factory=dict)  # extra keyword arguments, e.g. width
-    ss_granularity: Literal["kernel", "channel"] = "kernel"
+    ss_granularity: Literal["kernel", "channel"] = "kernel"  # SS per 3×3 kernel or per channel
     ss_scope: Literal["all", "last"] = "all"  # 'last' = SS on the last stage only
     ss_bn_affine: bool = False  # also meta-learn BN affine parameters
 
@@ -62,48 +64,50 @@ class ModelConfig:
 class PretrainConfig:
     """Phase 1: cross-entropy on all base classes."""
 
-    epochs: int = 10
+    epochs: int = 10  # passes over the base classes
     batch_size: int = 128  # global batch: all torchrun processes together
     lr: float = 0.1  # for the global batch (unchanged by the number of processes)
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: Literal["step", "cosine"] = "cosine"
-    step_size: int = 30
-    gamma: float = 0.2
-    label_smoothing: float = 0.0
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum
+    weight_decay: float = 5e-4  # SGD weight decay
+    schedule: Literal["step", "cosine"] = "cosine"  # learning-rate schedule
+    step_size: int = 30  # schedule=step: epochs between decays
+    gamma: float = 0.2  # schedule=step: decay factor
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     val_episodes: int = 600  # selection episodes (val_seed stream): noise below the effects
-    val_ways: int = 5
-    val_shots: int = 1
-    val_queries: int = 15
+    val_ways: int = 5  # ways of those episodes
+    val_shots: int = 1  # shots of those episodes
+    val_queries: int = 15  # queries per class of those episodes
 
 
 @dataclass
 class MetaConfig:
     """Phase 2: meta-transfer learning of SS and theta_0, with hard tasks."""
 
-    epochs: int = 6
+    epochs: int = 6  # meta-training epochs
     episodes_per_epoch: int = 50  # meta-batches per epoch
-    ways: int = 5
-    shots: int = 1
-    queries: int = 15
-    inner_steps: int = 100
-    inner_lr: float = 0.01
-    first_order: bool = False
+    ways: int = 5  # ways of the training tasks
+    shots: int = 1  # shots of the training tasks
+    queries: int = 15  # queries per class of the training tasks
+    inner_steps: int = 100  # base-learner gradient steps per task
+    inner_lr: float = 0.01  # base-learner learning rate
+    first_order: bool = False  # drop second-order terms of the meta-gradient
     meta_batch: int = 2  # k normal tasks per meta-batch (global: split across processes)
+    # hard tasks: off, reuse the failing tasks' images, or resample new ones
     ht: Literal["off", "reuse", "resample"] = "resample"
     ht_tasks: int = 1  # k' hard tasks per meta-batch
-    lr_ss: float = 1e-4
-    lr_head: float = 1e-3
-    step_size: int = 10
-    gamma: float = 0.5
+    lr_ss: float = 1e-4  # Adam learning rate of the SS parameters
+    lr_head: float = 1e-3  # Adam learning rate of theta_0
+    step_size: int = 10  # epochs between learning-rate decays
+    gamma: float = 0.5  # learning-rate decay factor
+    # BatchNorm: running statistics (eval) or batch statistics (train)
     bn_mode: Literal["eval", "train"] = "eval"
     # images per backbone call: -1 = auto (16 on CPU with BN in eval mode, else all at once),
     # 0 = all of a meta-batch at once, N = chunks of N (same result when BN is in eval mode)
     forward_chunk: int = -1
-    feature_norm: Literal["none", "l2"] = "none"
+    feature_norm: Literal["none", "l2"] = "none"  # normalise features before the base learner
     # theta_0: 'zero' (fixed; invariant to the episodes' random label order, the start of
     # `ft` too) or 'learned' (the paper's N x D initialisation, meta-learned)
     head_init: Literal["zero", "learned"] = "zero"
@@ -114,25 +118,29 @@ class MetaConfig:
     grad_clip: float = 0.0  # 0 = off
 
 
+METHODS = ("mtl", "ft", "protonet")  # the episode learners (meta-test adds "ft-all")
+
+
 @dataclass
 class EvalConfig:
     """Meta-test protocol: seeded episodes shared by all methods."""
 
-    episodes: int = 600
-    ways: list[int] = field(default_factory=lambda: [5])
-    shots: list[int] = field(default_factory=lambda: [1, 5])
-    queries: int = 15
-    methods: list[str] = field(default_factory=lambda: ["mtl", "ft", "protonet"])
-    inner_steps: int = 100
-    inner_lr: float = 0.01
+    episodes: int = 600  # episodes per (ways, shots) setting
+    ways: list[int] = field(default_factory=lambda: [5])  # ways to evaluate
+    shots: list[int] = field(default_factory=lambda: [1, 5])  # shots to evaluate
+    queries: int = 15  # queries per class
+    # methods to compare: mtl, ft, protonet, ft-all
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    inner_steps: int = 100  # base-learner steps per episode
+    inner_lr: float = 0.01  # base-learner learning rate
     seed: int = 1234  # episode seed, independent of the training seed
     # seed of the validation episodes that select checkpoints during training: a stream of
     # its own (see EpisodeSampler's stream), so selection never sees reported episodes
     val_seed: int = 4321
     episode_batch: int = 200  # episodes adapted together in one batched inner loop
     ft_all_episodes: int = 100  # ft-all fine-tunes the backbone per episode: first N only
-    ft_all_steps: int = 20
-    ft_all_lr: float = 0.01
+    ft_all_steps: int = 20  # ft-all: fine-tuning steps per episode
+    ft_all_lr: float = 0.01  # ft-all: learning rate
     split: str = "test"  # which split to evaluate: test | val | train
 
 
@@ -140,7 +148,7 @@ class EvalConfig:
 class RunConfig:
     """Everything a run needs; one of these is saved as ``config.yaml`` in each run."""
 
-    seed: int = 0
+    seed: int = 0  # training seed (weights, batches, tasks)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: str = ""  # run directory; empty = runs/<dataset>-<backbone>-<time>
     amp: Literal["auto", "off", "bf16"] = "auto"  # bf16 autocast on CUDA when 'auto'
@@ -155,6 +163,53 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def config_keys() -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, help)`` of every ``--set`` key, for ``mtl config keys``.
+
+    The help is the field's comment in this file (on its line or the lines above it)."""
+    rows = []
+
+    def walk(cls: type, prefix: str) -> None:
+        comments = _field_comments(cls)
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(defaults, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), f"{prefix}{f.name}.")
+                continue
+            kind = str(f.type)
+            if kind.startswith("Literal["):
+                kind = " | ".join(a.strip().strip("'\"") for a in kind[8:-1].split(","))
+            rows.append((prefix + f.name, kind, json.dumps(value), comments.get(f.name, "")))
+
+    walk(RunConfig, "")
+    return rows
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    import inspect
+
+    try:
+        lines = inspect.getsource(cls).splitlines()[1:]
+    except (OSError, TypeError):  # no source shipped: keys and defaults still listed
+        return {}
+    comments, pending = {}, []
+    for line in lines:
+        text = line.strip()
+        if text.startswith("#"):
+            pending.append(text.lstrip("#").strip())
+            continue
+        name = text.split(":", 1)[0]
+        if name.isidentifier() and ":" in text:
+            inline = line.split("  # ", 1)[1].strip() if "  # " in line else ""
+            comments[name] = " ".join([*pending, inline]).strip()
+        pending = []
+    return comments
 
 
 # ----------------------------------------------------------------------------- presets
@@ -203,7 +258,42 @@ def load_config(
     for item in overrides or []:
         cfg = apply_override(cfg, item)
     validate(cfg)
+    root = resolve_data_root(cfg.data.root)
+    if root != cfg.data.root:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
     return cfg
+
+
+# ----------------------------------------------------------------------------- data root
+
+DATA_ENV = "METATRANSFER_DATA"
+DATA_PLACEHOLDER = f"${DATA_ENV}"  # a preset's data.root may start with it
+
+
+def data_search_path() -> list[Path]:
+    """Folders searched for a preset's datasets: ``$METATRANSFER_DATA`` alone when set,
+    else ``../shared/data`` from the current directory, then beside the checkout."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return [Path(env).expanduser()]
+    checkout = Path(__file__).resolve().parents[2]  # <checkout>/src/metatransfer/config.py
+    return list(dict.fromkeys([Path("..", "shared", "data").resolve(),
+                               checkout.parent / "shared" / "data"]))
+
+
+def resolve_data_root(root: str | None) -> str | None:
+    """``$METATRANSFER_DATA/<name>`` -> the first searched folder holding ``<name>``.
+
+    Any other root is returned as is. When no folder holds it the placeholder is kept, and
+    loading the data fails with a message naming the variable (see ``require_root``).
+    """
+    if not root or not root.startswith(DATA_PLACEHOLDER):
+        return root
+    rest = root[len(DATA_PLACEHOLDER):].lstrip("/\\")
+    for base in data_search_path():
+        if (base / rest).is_dir():
+            return str(base / rest)
+    return root
 
 
 def _parse_yaml(text: str, where: str) -> dict:

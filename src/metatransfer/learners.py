@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-METHODS = ("mtl", "ft", "protonet")
+from .config import METHODS  # defined there so that the CLI can list them without torch
 
 
 def linear_logits(weight: torch.Tensor, bias: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:

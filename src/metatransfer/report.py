@@ -29,6 +29,16 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def min_span(lo: float, hi: float, span: float = 5.0) -> tuple[float, float]:
+    """An axis range of at least ``span`` points around ``lo..hi`` (within 0-100), so that
+    a 0.25-point wobble between epochs is not drawn as a steep curve."""
+    if hi - lo >= span:
+        return lo, hi
+    mid = (lo + hi) / 2
+    lo, hi = max(0.0, mid - span / 2), min(100.0, mid + span / 2)
+    return (lo, lo + span) if lo == 0.0 else (hi - span, hi) if hi == 100.0 else (lo, hi)
+
+
 def plot_learning_curves(runs: dict[str, Path], out: Path) -> Path | None:
     """Loss and val accuracy per epoch for pre-training and meta-training (one PNG)."""
     records = {name: read_metrics(path) for name, path in runs.items()}
@@ -43,10 +53,13 @@ def plot_learning_curves(runs: dict[str, Path], out: Path) -> Path | None:
                 continue
             epochs = [r["step"] for r in rows]
             axes[0, col].plot(epochs, [r["loss"] for r in rows], marker="o", label=name)
-            axes[1, col].plot(epochs, [r["val_acc"] for r in rows], marker="o", label=name)
+            ci = [r.get("val_ci95", 0.0) for r in rows]  # so that noise does not look a trend
+            axes[1, col].errorbar(epochs, [r["val_acc"] for r in rows], yerr=ci, marker="o",
+                                  capsize=3, label=name)
+        axes[1, col].set_ylim(*min_span(*axes[1, col].get_ylim()))
         title = "pre-training" if phase == "pretrain" else "meta-training"
         axes[0, col].set_title(f"{title}: train loss")
-        axes[1, col].set_title(f"{title}: val accuracy (%)")
+        axes[1, col].set_title(f"{title}: val accuracy (%), 95% CI")
         for ax in axes[:, col]:
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)

@@ -74,8 +74,9 @@ class ImageSplit:
     def require(self, ways: int, per_class: int, what: str = "episodes") -> None:
         """Fail clearly when ``ways``-way episodes with ``per_class`` images can't be drawn."""
         if ways > self.num_classes:
+            label = what if f"{ways}-way" in what else f"{ways}-way {what}"
             raise DataError(
-                f"{self.name}: {ways}-way {what} need {ways} classes but the split has "
+                f"{self.name}: {label} need {ways} classes but the split has "
                 f"{self.num_classes}; lower the ways"
             )
         sizes = self.class_sizes

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from ..config import DATA_ENV, DATA_PLACEHOLDER, data_search_path
 from ..errors import DataError
 from .base import ImageSplit
 from .cache import cache_key, cache_root, cached_uint8, files_fingerprint
@@ -222,6 +223,11 @@ def require_root(dataset: str, root: str | None, layout: str) -> Path:
     if not root:
         raise DataError(f"{dataset}: data.root is not set; pass --set data.root=PATH, a folder "
                         f"with {layout}")
+    if root.startswith(DATA_PLACEHOLDER):  # a preset's root that no searched folder holds
+        name = root[len(DATA_PLACEHOLDER):].lstrip("/\\")
+        where = " or ".join(str(p) for p in data_search_path())
+        raise DataError(f"{dataset}: no {name}/ in {where}; set {DATA_ENV} to the folder "
+                        f"that holds {name}/ ({layout}), or pass --set data.root=PATH")
     path = Path(root).expanduser()
     if not path.exists():
         raise DataError(f"{dataset}: root {path} does not exist; put the dataset there "

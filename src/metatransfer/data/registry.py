@@ -26,6 +26,17 @@ def dataset_names() -> list[str]:
     return sorted(_LOADERS)
 
 
+def dataset_layouts() -> dict[str, str]:
+    """``{name: what data.root must hold}``, from each loader module's ``LAYOUT``."""
+    import sys
+
+    layouts = {}
+    for name in dataset_names():
+        module = sys.modules.get(_LOADERS[name].__module__)
+        layouts[name] = getattr(module, "LAYOUT", "built in: no data.root needed")
+    return layouts
+
+
 def load_split(cfg: DataConfig, split: str) -> ImageSplit:
     """Load split ``split`` (e.g. ``train``, ``val``, ``test``) of the dataset ``cfg.name``."""
     if cfg.name not in _LOADERS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 from ..config import DataConfig
 from ..errors import MTLError
@@ -36,26 +37,32 @@ def _describe(split: str, data: ImageSplit) -> tuple[list[str], list[str]]:
     return lines, problems
 
 
-def verify_dataset(cfg: DataConfig, splits: list[str] | None = None) -> tuple[str, bool]:
+def verify_dataset(cfg: DataConfig, splits: list[str] | None = None,
+                   progress: Callable[[str], None] | None = None) -> tuple[str, bool]:
     """A printable report on ``splits`` (default: the train/val/test splits of ``cfg``).
 
-    Returns ``(report, ok)``; ``ok`` is False when any problem was found.
+    Returns ``(report, ok)``; ``ok`` is False when any problem was found. ``progress`` is
+    told which split is being read (decoding a large split takes a while). An error
+    shared by several splits (e.g. a missing root) is reported once, naming them all.
     """
     splits = splits or list(dict.fromkeys([cfg.train_split, cfg.val_split, cfg.test_split]))
     probe = dataclasses.replace(cfg, skip_corrupt=True)
     lines = [f"{cfg.name} at {cfg.root}"]
     problems: list[str] = []
+    errors: dict[str, list[str]] = {}  # message -> the splits it stopped
     loaded: dict[str, ImageSplit] = {}
     quiet = logging.getLogger("metatransfer.data.images")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # skipped files are summarised in the report instead
     try:
         for split in splits:
+            if progress:
+                progress(f"reading {cfg.name}/{split} (decodes every image once, then cached)")
             try:
                 data = load_split(probe, split)
             except MTLError as exc:
                 lines.append(f"  {split}: cannot be read")
-                problems.append(f"{split}: {exc}")
+                errors.setdefault(str(exc), []).append(split)
                 continue
             loaded[split] = data
             split_lines, split_problems = _describe(split, data)
@@ -63,6 +70,7 @@ def verify_dataset(cfg: DataConfig, splits: list[str] | None = None) -> tuple[st
             problems += split_problems
     finally:
         quiet.setLevel(level)
+    problems = [f"{', '.join(names)}: {msg}" for msg, names in errors.items()] + problems
     names = list(loaded)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
