@@ -17,8 +17,8 @@ from .config import METHODS, RunConfig, load_config, preset_description, preset_
 from .errors import ConfigError, MTLError
 
 log = logging.getLogger("metatransfer")
-_current_run: list[str] = []
-DEFAULT_PRESET = "glyphs-conv4"  # the run directory in use, for the interrupt message
+_current_run: list[str] = []  # the run directory in use, for the interrupt message
+DEFAULT_PRESET = "glyphs-conv4"  # what a command without --preset or --config runs
 
 
 # ----------------------------------------------------------------------------- options
