@@ -142,7 +142,7 @@ def lazy(module: str, name: str):
 
 def cmd_run(args: argparse.Namespace) -> None:
     from . import distributed
-    from .phases.meta_test import meta_test, results_table
+    from .phases.meta_test import comparisons_table, meta_test, results_table
     from .phases.meta_train import meta_train
     from .phases.pretrain import pretrain
     from .runs import preflight
@@ -159,6 +159,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     results = meta_test(cfg, run, device, meta, pretrained, show)
     results["run_seconds"] = round(time.perf_counter() - started, 1)
     say(results_table(results))
+    if results["comparisons"]:
+        say("\npaired differences (points, 95% CI; * = CI excludes 0):\n"
+            + comparisons_table(results["comparisons"]))
     say(f"\nresults in {run.path / 'results.md'} ({results['run_seconds']:.0f} s)")
     run.close()
 
@@ -216,7 +219,7 @@ def cmd_meta_test(args: argparse.Namespace) -> None:
         args.config = str(source / "config.yaml")
     explicit = args.out or any(o.strip().startswith("out=") for o in args.overrides)
     cfg = resolve_run_config(args)
-    from .phases.meta_test import ALL_METHODS, meta_test, results_table
+    from .phases.meta_test import ALL_METHODS, comparisons_table, meta_test, results_table
 
     unknown = [m for m in cfg.eval.methods if m not in ALL_METHODS]
     if unknown:
@@ -245,6 +248,9 @@ def cmd_meta_test(args: argparse.Namespace) -> None:
     if (run.path / "state").is_dir() and not any((run.path / "state").iterdir()):
         (run.path / "state").rmdir()  # an evaluation has no training state
     say(results_table(results))
+    if results["comparisons"]:
+        say("\npaired differences (points, 95% CI; * = CI excludes 0):\n"
+            + comparisons_table(results["comparisons"]))
     say(f"\nresults in {run.path / 'results.md'}")
     run.close()
 

@@ -139,6 +139,7 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
         "backbone": cfg.model.backbone,
         "seed": cfg.seed,
         "eval_seed": ec.seed,
+        "selection_seed": ec.val_seed,  # in-training validation: a stream apart from these
         "inner_steps": ec.inner_steps,
         "inner_lr": ec.inner_lr,
         "device": str(device),
