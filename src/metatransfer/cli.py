@@ -209,7 +209,7 @@ def cmd_data_verify(args: argparse.Namespace) -> None:
 def cmd_import(args: argparse.Namespace) -> None:
     from .importers import main_import
 
-    print(main_import(args.format, args.path, args.out))
+    print(main_import(args.format, args.path, args.out, args.dataset, args.image_size))
 
 
 # ----------------------------------------------------------------------------- parser
@@ -257,8 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_data_verify)
 
     p = sub.add_parser("import", help="convert published weights to a metatransfer checkpoint")
-    p.add_argument("format", help="authors-pretrain | authors-meta | feat | rfs")
-    p.add_argument("path", help="the file to convert")
+    p.add_argument("format", help="authors-pretrain | authors-meta | authors-tf | feat | rfs")
+    p.add_argument("path", nargs="+", help="the file to convert (authors-tf: the folder of "
+                   "one setting, or its weights.npy, ss_weights.npy, fc_weights.npy)")
+    p.add_argument("--dataset", help="what the source was trained on, when it decides the "
+                   "preprocessing: miniimagenet | tieredimagenet | cifarfs | fc100 (rfs: "
+                   "read from the checkpoint's options)")
+    p.add_argument("--image-size", type=int, help="the source's input size, when it was "
+                   "trained at another than its code's default")
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
     p.set_defaults(func=cmd_import)
 
