@@ -300,3 +300,25 @@ def test_baselines_use_the_pretrained_network(tmp_path, extra) -> None:
     clf = FewShotClassifier.from_checkpoint(meta.parent, "ft", "cpu")
     for k, v in pre_state.items():
         torch.testing.assert_close(clf.embedder.backbone.state_dict()[k], v)
+
+
+def test_meta_train_from_pretrained_uses_its_preprocessing(tmp_path) -> None:
+    """meta-train standardises with the pre-trained checkpoint's statistics (not the
+    split's) and writes them, its resize policy and meta.bn_mode into the meta model."""
+    from conftest import tiny_overrides
+
+    from metatransfer.cli import main as cli_main
+
+    torch.manual_seed(2)
+    pre = create_backbone("conv4", in_channels=1, width=8)
+    info = ModelInfo(backbone="conv4", backbone_args={"width": 8}, in_channels=1,
+                     image_size=16, resize="crop:18", mean=[0.3], std=[0.2])
+    save_model(tmp_path / "pre.safetensors", info, pre)
+    out = tmp_path / "run"
+    args = ["meta-train", "--quiet", "--pretrained", str(tmp_path / "pre.safetensors")]
+    for item in tiny_overrides(out) + ["meta.epochs=1", "meta.bn_mode=train"]:
+        args += ["--set", item]
+    cli_main(args)
+    meta, _, _ = load_model(out / "meta_best.safetensors")
+    assert (meta.mean, meta.std, meta.resize) == ([0.3], [0.2], "crop:18")
+    assert meta.extra["bn_mode"] == "train"

@@ -286,3 +286,39 @@ def test_cli_import_authors_tf(tmp_path, capsys) -> None:
     # FC100 upsampled: their 5x5 VALID average pool needs a 5x5 last map (80-95 px input)
     assert info.image_size == 84 and info.extra["dataset"] == "fc100"
     assert info.inner_lr == pytest.approx(5e-3)
+
+
+@pytest.mark.parametrize("method", ["ft", "protonet"])
+def test_api_matches_meta_test_with_batch_statistics(tmp_path, method) -> None:
+    """FewShotClassifier embeds the support set in one call and the queries in another,
+    as meta-test does for a batch-statistics model: the same per-episode accuracy."""
+    from conftest import make_toy_split
+
+    from metatransfer import FewShotClassifier
+    from metatransfer.checkpoints import ModelInfo, save_model
+    from metatransfer.data.episodes import EpisodeSampler
+    from metatransfer.data.transforms import Normalizer
+    from metatransfer.evaluation import Embedder, evaluate
+    from metatransfer.models import create_backbone
+
+    torch.manual_seed(1)
+    args = {"widths": [8, 8, 8, 8], "bn_stats": "batch", "bn_eps": 1e-3}
+    model = create_backbone("resnet12-tf", in_channels=1, **args)
+    split = make_toy_split("test")
+    info = ModelInfo(backbone="resnet12-tf", backbone_args=args, in_channels=1, image_size=16,
+                     mean=list(split.mean), std=list(split.std), phase="imported",
+                     inner_steps=10, inner_lr=0.5)
+    save_model(tmp_path / "m.safetensors", info, model)
+    clf = FewShotClassifier.from_checkpoint(tmp_path / "m.safetensors", method, "cpu")
+    sampler = EpisodeSampler(split.indices_by_class, 4, 2, 3, seed=7, name=split.name)
+    embedder = Embedder(model.eval(), Normalizer(split.mean, split.std, torch.device("cpu")),
+                        torch.device("cpu"))
+    want = evaluate(method, embedder, split, sampler, 4, 10, 0.5)
+    for ep in range(4):
+        batch = sampler.episode(ep)
+        support = {str(j): list(split.images[batch.support[0, j * 2:(j + 1) * 2]])
+                   for j in range(4)}
+        predicted = clf.fit(support).predict(split.images[batch.query[0]])
+        got = np.mean([int(p) == t for p, t in zip(predicted, batch.query_labels(),
+                                                    strict=True)])
+        assert got == pytest.approx(want[ep], abs=1e-6)

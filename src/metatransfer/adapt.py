@@ -41,7 +41,7 @@ from .data.base import ImageSplit
 from .data.images import IMAGE_EXTENSIONS, CorruptImageError, is_image_file, read_image
 from .data.transforms import Normalizer
 from .errors import DataError, MTLError
-from .evaluation import Embedder
+from .evaluation import Embedder, uses_batch_stats
 from .learners import METHODS, episode_logits
 from .preprocessing import resize_pil
 
@@ -262,7 +262,10 @@ class FewShotClassifier:
         """``(n, D)`` embeddings of preprocessed uint8 images, through meta-test's embedder."""
         split = ImageSplit(images, np.zeros(len(images), np.int64), ["_"], "adapt",
                            tuple(self.info.mean), tuple(self.info.std))
-        return self.embedder.embed(split, np.arange(len(images)))
+        # batch-statistics BN (the authors' TensorFlow model): one call, one BN batch
+        one_call = uses_batch_stats(self.embedder.backbone)
+        return self.embedder.embed(split, np.arange(len(images)),
+                                   batch_size=max(len(images), 1) if one_call else 256)
 
     # -- fit / predict
 
