@@ -134,6 +134,14 @@ def test_tf_release_reproduces_tensorflow_forward(imported) -> None:
     np.testing.assert_array_equal(head["weight"].numpy(), rel["fc_weights"]["w5"].T)
     np.testing.assert_array_equal(head["bias"].numpy(), rel["fc_weights"]["b5"])
     assert "per-call batch statistics" in summary
+    assert "weights/block<i>_conv<j> -> layer<i>.0.conv<j>.weight" in summary
+    # BN with batch statistics cancels any per-channel bias, so the forward pass above
+    # cannot see it: the meta forward's bias is ss_bias (it replaces the pre-trained one)
+    for i in range(1, 5):
+        for j in (1, 2, 3):
+            conv = f"layer{i}.0.conv{j}"
+            np.testing.assert_allclose((state[f"{conv}.bias"] + state[f"{conv}.ss_shift"]).numpy(),
+                                       rel["ss_weights"][f"block{i}_bias{j}"], atol=1e-7)
 
 
 def test_tf_metadata_is_the_tensorflow_pipeline(imported) -> None:

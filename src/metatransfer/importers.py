@@ -486,7 +486,7 @@ def summarize(fmt: str, result: ImportResult, out: str | Path) -> str:
         by_reason: dict[str, int] = {}
         for _, reason in rep.filled:
             by_reason[reason] = by_reason.get(reason, 0) + 1
-        lines.append(f"  filled {len(rep.filled)} tensors with zeros (exact no-ops):")
+        lines.append(f"  filled {len(rep.filled)} tensors with their no-op values:")
         lines += [f"    {n} x {reason}" for reason, n in by_reason.items()]
     if rep.ignored:
         lines.append(f"  ignored {len(rep.ignored)} source tensors:")
@@ -502,8 +502,14 @@ def summarize(fmt: str, result: ImportResult, out: str | Path) -> str:
 def _rule(source: str, target: str) -> str:
     """Collapse one rename into a rule, e.g. ``encoder.<key> -> <key>`` or
     ``encoder.<conv>.mtl_weight -> <conv>.ss_scale``."""
-    if source.startswith("base_learner."):
+    if source.startswith("base_learner.") or source.startswith("fc_weights/"):
         return f"{source} -> {target}"
+    tf = re.fullmatch(r"(\w+)/block\d+_(conv|bias)(\d*)(_res)?", source)
+    if tf:  # the TensorFlow release: one rule per kind of tensor
+        numbered = re.sub(r"layer\d+", "layer<i>", target)
+        numbered = re.sub(r"conv\d", "conv<j>", numbered)
+        j = "<j>" if tf.group(3) else ""
+        return f"{tf.group(1)}/block<i>_{tf.group(2)}{j}{tf.group(4) or ''} -> {numbered}"
     if source.endswith(target):
         return f"{source[: -len(target)]}<key> -> <key>"
     stem = target.rsplit(".", 1)[0]
