@@ -76,7 +76,7 @@ def test_adapt_reproduces_meta_test_episodes(run_dir, toy_test, method):
     info, backbone, head = load_models(run_dir / "meta_best.safetensors",
                                        run_dir / "pretrain_best.safetensors", [method])[method]
     embedder = Embedder(backbone.eval(), Normalizer(toy_test.mean, toy_test.std, CPU), CPU,
-                        feature_norm=info.feature_norm if method == "mtl" else "none")
+                        feature_norm=info.feature_norm)  # every method, as meta-test
     split = toy_test
     for row in results["results"]:
         if row["method"] != method:

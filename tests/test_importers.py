@@ -158,6 +158,7 @@ def test_authors_pretrain_reproduces_source(tmp_path, prefixed: bool) -> None:
     summary = main_import("authors-pretrain", tmp_path / "max_acc.pth", tmp_path / "o.safetensors")
     info, model, head = _ours(tmp_path / "o.safetensors")
     assert (info.backbone, info.phase, info.image_size) == ("resnet25", "imported", 80)
+    assert info.resize == "crop:92"  # their test transform: Resize(92) -> CenterCrop(80)
     assert info.ways == 0
     assert info.mean == pytest.approx([125.3 / 255, 123.0 / 255, 113.9 / 255])
     assert head == {}
@@ -210,6 +211,7 @@ def test_feat_reproduces_source(tmp_path, prefix: str) -> None:
     torch.save({"params": params}, tmp_path / "Res12-pre.pth")
     info = import_checkpoint("feat", tmp_path / "Res12-pre.pth", tmp_path / "f.safetensors")
     assert (info.backbone, info.image_size, info.phase) == ("resnet12", 84, "imported")
+    assert info.resize == "crop:92"  # FEAT's test transform: Resize(92) -> CenterCrop(84)
     _, model, _ = _ours(tmp_path / "f.safetensors")
     x = torch.randn(1, 3, 84, 84)
     with torch.no_grad():
@@ -226,6 +228,8 @@ def test_rfs_reproduces_source(tmp_path) -> None:
     summary = main_import("rfs", tmp_path / "resnet12_last.pth", tmp_path / "r.safetensors")
     info, model, _ = _ours(tmp_path / "r.safetensors")
     assert info.backbone == "resnet12" and info.backbone_args["dropblock_size"] == 5
+    assert (info.image_size, info.resize) == (84, "direct")  # RFS: 84 px pickles as they are
+    assert info.extra["dataset"] == "miniimagenet"
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         _close(model(x), res12_forward(enc, x))
@@ -302,7 +306,7 @@ def test_different_width_resnet12(tmp_path) -> None:
 
 
 def test_different_width_resnet25(tmp_path) -> None:
-    enc = authors_encoder(mtl=False, widths=(128, 256, 512), blocks=1)
+    enc = authors_encoder(mtl=False, widths=(128, 256, 512), blocks=3)
     torch.save({"params": enc}, tmp_path / "w.pth")
     with pytest.raises(CheckpointError) as err:
         import_checkpoint("authors-pretrain", tmp_path / "w.pth", tmp_path / "o.safetensors")
@@ -328,7 +332,7 @@ def test_missing_target_tensor_is_an_error(tmp_path) -> None:
 
 
 def test_meta_and_pretrain_formats_are_told_apart(tmp_path) -> None:
-    small = dict(widths=(160, 320, 640), blocks=1)  # shapes fail later; the hint comes first
+    small = dict(widths=(160, 320, 640), blocks=3)
     torch.save({"params": authors_encoder(mtl=True, **small)}, tmp_path / "meta.pth")
     with pytest.raises(CheckpointError, match="authors-meta"):
         import_checkpoint("authors-pretrain", tmp_path / "meta.pth", tmp_path / "o.safetensors")
@@ -346,3 +350,73 @@ def test_non_tensor_pickles_are_refused(tmp_path) -> None:
     with pytest.raises(CheckpointError) as err:
         import_checkpoint("rfs", tmp_path / "obj.pth", tmp_path / "o.safetensors")
     assert "Opaque" in _one_line(err)
+
+
+# --- older authors' ResNet, RFS on CIFAR, variants refused ----------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["authors-pretrain", "authors-meta"])
+def test_authors_older_resnet_with_three_blocks(tmp_path, fmt: str) -> None:
+    """ResNetMtl(layers=[3, 3, 3]): their repository from 2019-08 until commit a43f94a."""
+    enc = authors_encoder(mtl=fmt == "authors-meta", blocks=3, seed=11)
+    params = OrderedDict(("encoder." + k, v) for k, v in enc.items())
+    if fmt == "authors-meta":
+        params["base_learner.fc1_w"] = torch.randn(5, 640)
+        params["base_learner.fc1_b"] = torch.randn(5)
+    torch.save({"params": params}, tmp_path / "old.pth")
+    info = import_checkpoint(fmt, tmp_path / "old.pth", tmp_path / "o.safetensors")
+    assert info.backbone_args == {"blocks": 3}
+    _, model, _ = _ours(tmp_path / "o.safetensors")
+    x = torch.randn(1, 3, 80, 80)
+    with torch.no_grad():
+        _close(model(x), authors_forward(enc, x, blocks=3, avgpool10=True))
+
+
+def test_unreleased_authors_variant_is_refused(tmp_path) -> None:
+    torch.save({"params": authors_encoder(mtl=False, blocks=2)}, tmp_path / "v.pth")
+    with pytest.raises(CheckpointError) as err:
+        import_checkpoint("authors-pretrain", tmp_path / "v.pth", tmp_path / "o.safetensors")
+    msg = _one_line(err)
+    assert "layers=[2, 2, 2]" in msg and "cannot be imported" in msg
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("rfs_name,ours", [("CIFAR-FS", "cifarfs"), ("FC100", "fc100")])
+def test_rfs_cifar_gets_cifar_metadata(tmp_path, rfs_name: str, ours: str) -> None:
+    enc = res12_encoder(seed=12)
+    opt = argparse.Namespace(model="resnet12", dataset=rfs_name, n_ways=5)
+    torch.save({"opt": opt, "model": enc}, tmp_path / "cifar.pth")
+    summary = main_import("rfs", tmp_path / "cifar.pth", tmp_path / "c.safetensors")
+    info, model, _ = _ours(tmp_path / "c.safetensors")
+    assert (info.image_size, info.resize, info.extra["dataset"]) == (32, "direct", ours)
+    assert info.mean == pytest.approx([129.37731888 / 255, 124.10583864 / 255,
+                                       112.47758569 / 255])
+    assert info.std == pytest.approx([68.20947949 / 255, 65.43124043 / 255,
+                                      70.45866994 / 255])
+    assert info.backbone_args["dropblock_size"] == 2
+    assert "32 px" in summary
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _close(model(x), res12_forward(enc, x))
+
+
+def test_rfs_dataset_chosen_at_import_or_contradicted(tmp_path) -> None:
+    enc = res12_encoder(seed=13)
+    torch.save({"model": enc}, tmp_path / "bare.pth")  # no options stored
+    info = import_checkpoint("rfs", tmp_path / "bare.pth", tmp_path / "b.safetensors",
+                             dataset="fc100")
+    assert info.image_size == 32 and info.extra["dataset"] == "fc100"
+    info = import_checkpoint("rfs", tmp_path / "bare.pth", tmp_path / "b.safetensors",
+                             image_size=40)
+    assert info.image_size == 40 and info.extra["image_size_overridden"]["source"] == 84
+    opt = argparse.Namespace(dataset="miniImageNet")
+    torch.save({"opt": opt, "model": enc}, tmp_path / "mini.pth")
+    with pytest.raises(CheckpointError, match="drop --dataset"):
+        import_checkpoint("rfs", tmp_path / "mini.pth", tmp_path / "x.safetensors",
+                          dataset="cifarfs")
+    torch.save({"opt": argparse.Namespace(dataset="CUB"), "model": enc}, tmp_path / "cub.pth")
+    with pytest.raises(CheckpointError, match="'CUB'"):
+        import_checkpoint("rfs", tmp_path / "cub.pth", tmp_path / "x.safetensors")
+    with pytest.raises(ConfigError, match="ImageNet-style data only"):
+        import_checkpoint("feat", tmp_path / "bare.pth", tmp_path / "x.safetensors",
+                          dataset="cifarfs")

@@ -29,14 +29,22 @@ from PIL import Image
 from safetensors import safe_open
 from torch import nn
 
-from .checkpoints import METADATA_KEY, ModelInfo, load_model, resolve_checkpoint
+from .checkpoints import (
+    METADATA_KEY,
+    ModelInfo,
+    bn_changed_reason,
+    load_model,
+    resolve_checkpoint,
+    sibling_pretrained,
+)
 from .data.base import ImageSplit
 from .data.images import IMAGE_EXTENSIONS, CorruptImageError, is_image_file, read_image
 from .data.transforms import Normalizer
 from .devices import resolve_device
 from .errors import DataError, MTLError
-from .evaluation import Embedder
+from .evaluation import Embedder, uses_batch_stats
 from .learners import METHODS, episode_logits
+from .preprocessing import resize_pil
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +58,7 @@ LAYOUTS = ("accepted: a path, a PIL image, a uint8 numpy array (h, w) or (h, w, 
 # ----------------------------------------------------------------------------- images
 
 
-def _from_pil(image: Image.Image, size: int, channels: int) -> np.ndarray:
+def _from_pil(image: Image.Image, size: int, channels: int, resize: str = "direct") -> np.ndarray:
     """An already-decoded image as ``(size, size, channels)`` uint8.
 
     The same conversion and Lanczos resize as :func:`metatransfer.data.images.read_image`
@@ -58,13 +66,12 @@ def _from_pil(image: Image.Image, size: int, channels: int) -> np.ndarray:
     """
     if image.mode == "P":  # palette images go through RGBA, as in the dataset loaders
         image = image.convert("RGBA")
-    image = image.convert("RGB" if channels == 3 else "L")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.LANCZOS)
+    image = resize_pil(image.convert("RGB" if channels == 3 else "L"), size, resize)
     return np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
 
 
-def _from_array(array: np.ndarray, size: int, channels: int, what: str) -> np.ndarray:
+def _from_array(array: np.ndarray, size: int, channels: int, what: str,
+                resize: str = "direct") -> np.ndarray:
     """``(h, w)`` or ``(h, w, c)`` uint8 with c in 1, 3, 4 -> ``(size, size, channels)``."""
     if array.dtype != np.uint8:
         raise DataError(f"{what}: arrays must be uint8 (h, w, c), got {array.dtype}; "
@@ -77,12 +84,13 @@ def _from_array(array: np.ndarray, size: int, channels: int, what: str) -> np.nd
         raise DataError(f"{what}: a numpy array of shape {tuple(array.shape)} is not an "
                         f"image{hint} ({LAYOUTS})")
     have = 1 if array.ndim == 2 else array.shape[2]
-    if have == channels and array.shape[:2] == (size, size):
+    if have == channels and array.shape[:2] == (size, size) and resize == "direct":
         return np.ascontiguousarray(array.reshape(size, size, channels))
-    return _from_pil(Image.fromarray(array), size, channels)
+    return _from_pil(Image.fromarray(array), size, channels, resize)
 
 
-def _from_tensor(tensor: torch.Tensor, size: int, channels: int, what: str) -> np.ndarray:
+def _from_tensor(tensor: torch.Tensor, size: int, channels: int, what: str,
+                 resize: str = "direct") -> np.ndarray:
     """A ``(c, h, w)`` or ``(h, w)`` tensor, uint8 or float in [0, 1] (torchvision's layout)."""
     t = tensor.detach().cpu()
     if t.dim() not in (2, 3) or (t.dim() == 3 and t.shape[0] not in (1, 3, 4)):
@@ -96,10 +104,10 @@ def _from_tensor(tensor: torch.Tensor, size: int, channels: int, what: str) -> n
         raise DataError(f"{what}: tensors must be uint8 or float in [0, 1], got {t.dtype}")
     if t.dim() == 3:
         t = t.permute(1, 2, 0)
-    return _from_array(t.numpy(), size, channels, what)
+    return _from_array(t.numpy(), size, channels, what, resize)
 
 
-def _read_path(path: Path, size: int, channels: int) -> np.ndarray:
+def _read_path(path: Path, size: int, channels: int, resize: str = "direct") -> np.ndarray:
     """A file through the dataset loaders' decoder, with errors that fit this command."""
     if path.is_dir():
         raise DataError(f"{path} is a folder; pass image files (or a folder only as --query)")
@@ -109,22 +117,24 @@ def _read_path(path: Path, size: int, channels: int) -> np.ndarray:
         raise DataError(f"{path} is not an image file (expected {_KINDS}); remove it or "
                         "pass only images")
     try:
-        return read_image(path, size, channels)
+        return read_image(path, size, channels, resize=resize)
     except CorruptImageError as exc:
         cause = str(exc).split("; ")[0]
         raise DataError(f"{cause}; replace or remove the file") from None
 
 
-def load_image(image: ImageLike, size: int, channels: int, what: str = "image") -> np.ndarray:
-    """Any accepted image as ``(size, size, channels)`` uint8, preprocessed like training."""
+def load_image(image: ImageLike, size: int, channels: int, what: str = "image",
+               resize: str = "direct") -> np.ndarray:
+    """Any accepted image as ``(size, size, channels)`` uint8, preprocessed like training
+    (``resize``: the checkpoint's policy, see :mod:`metatransfer.preprocessing`)."""
     if isinstance(image, (str, Path)):
-        return _read_path(Path(image), size, channels)
+        return _read_path(Path(image), size, channels, resize)
     if isinstance(image, Image.Image):
-        return _from_pil(image, size, channels)
+        return _from_pil(image, size, channels, resize)
     if isinstance(image, np.ndarray):
-        return _from_array(image, size, channels, what)
+        return _from_array(image, size, channels, what, resize)
     if isinstance(image, torch.Tensor):
-        return _from_tensor(image, size, channels, what)
+        return _from_tensor(image, size, channels, what, resize)
     raise DataError(f"{what}: unsupported type {type(image).__name__} ({LAYOUTS})")
 
 
@@ -145,7 +155,8 @@ def _as_list(images) -> list:
 
 
 def _checkpoint_kind(path: Path) -> tuple[bool, bool]:
-    """``(has_head, bn_affine)`` from the file header, without reading the tensors."""
+    """``(has_head, bn_changed)`` from the file header, without reading the tensors
+    (``bn_changed``: its BN is no longer the pre-trained network's)."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             keys, meta = list(fh.keys()), fh.metadata() or {}
@@ -153,7 +164,7 @@ def _checkpoint_kind(path: Path) -> tuple[bool, bool]:
     except Exception:
         load_model(path)  # raises the clear truncated / not-ours / version error
         raise
-    return any(k.startswith("head.") for k in keys), bool(extra.get("bn_affine"))
+    return any(k.startswith("head.") for k in keys), bn_changed_reason(extra) is not None
 
 
 def checkpoint_paths(checkpoint: str | Path) -> tuple[Path | None, Path | None]:
@@ -179,9 +190,10 @@ def available_methods(meta_path: Path | None, pretrained_path: Path | None) -> l
 
     The first is the default: mtl when there is theta_0, else protonet.
     """
-    head, bn_affine = _checkpoint_kind(meta_path) if meta_path else (False, False)
+    head, bn_changed = _checkpoint_kind(meta_path) if meta_path else (False, False)
     methods = ["mtl"] if head else []
-    if pretrained_path is not None or (meta_path is not None and not bn_affine):
+    pretrained_path = pretrained_path or (sibling_pretrained(meta_path) if bn_changed else None)
+    if pretrained_path is not None or (meta_path is not None and not bn_changed):
         methods += ["protonet", "ft"]
     return methods
 
@@ -222,7 +234,7 @@ class FewShotClassifier:
         self.head = None if head is None else tuple(t.to(self.device) for t in head)
         self.embedder = Embedder(backbone.to(self.device).eval(),
                                  Normalizer(info.mean, info.std, self.device), self.device,
-                                 feature_norm=info.feature_norm if method == "mtl" else "none")
+                                 feature_norm=info.feature_norm)  # as meta-test, every method
         self.classes_: list[str] = []
         self._support: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
@@ -249,14 +261,18 @@ class FewShotClassifier:
         items = _as_list(images)
         if not items:
             return np.zeros((0, size, size, channels), np.uint8)
-        return np.stack([load_image(im, size, channels, f"{what} {i + 1}")
+        resize = getattr(self.info, "resize", "direct") or "direct"
+        return np.stack([load_image(im, size, channels, f"{what} {i + 1}", resize)
                          for i, im in enumerate(items)])
 
     def embed(self, images: np.ndarray) -> torch.Tensor:
         """``(n, D)`` embeddings of preprocessed uint8 images, through meta-test's embedder."""
         split = ImageSplit(images, np.zeros(len(images), np.int64), ["_"], "adapt",
                            tuple(self.info.mean), tuple(self.info.std))
-        return self.embedder.embed(split, np.arange(len(images)))
+        # batch-statistics BN (the authors' TensorFlow model): one call, one BN batch
+        one_call = uses_batch_stats(self.embedder.backbone)
+        return self.embedder.embed(split, np.arange(len(images)),
+                                   batch_size=max(len(images), 1) if one_call else 256)
 
     # -- fit / predict
 

@@ -35,6 +35,9 @@ class ModelInfo:
     backbone_args: dict = field(default_factory=dict)
     in_channels: int = 3
     image_size: int = 84
+    # how images reach image_size: "direct" (whole image) or "crop:N" (shorter side to N,
+    # then the centre crop); see metatransfer.preprocessing. Older checkpoints: direct.
+    resize: str = "direct"
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     phase: str = "pretrain"  # pretrain | meta | imported
@@ -102,15 +105,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def check_checkpoint(path: str | Path) -> Path:
     """Resolve ``path`` and validate its metadata without loading the tensors (cheap)."""
     path = resolve_checkpoint(path)
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated or corrupt: {exc}); "
-            "use an earlier checkpoint or retrain"
-        ) from None
-    _model_info(path, meta)
+    read_info(path)
     return path
 
 
@@ -126,13 +121,13 @@ def load_model(path: str | Path) -> tuple[ModelInfo, dict[str, torch.Tensor], di
             f"{path} is not a readable checkpoint (truncated or corrupt: {exc}); "
             "use an earlier checkpoint or retrain"
         ) from None
-    info = _model_info(path, meta)
+    info = _parse_info(path, meta)
     backbone = {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}
     head = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
     return info, backbone, head
 
 
-def _model_info(path: Path, meta: dict) -> ModelInfo:
+def _parse_info(path: Path, meta: dict) -> ModelInfo:
     if METADATA_KEY not in meta:
         raise CheckpointError(f"{path} is not a metatransfer checkpoint (no metadata); "
                               "convert other formats with `mtl import`")
@@ -145,6 +140,18 @@ def _model_info(path: Path, meta: dict) -> ModelInfo:
         )
     known = set(ModelInfo.__dataclass_fields__)
     return ModelInfo(**{k: v for k, v in raw.items() if k in known})
+
+
+def read_info(path: str | Path) -> ModelInfo:
+    """A checkpoint's metadata only (the file header; no tensors are read)."""
+    path = resolve_checkpoint(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception:
+        load_model(path)  # raises the clear truncated / corrupt message
+        raise
+    return _parse_info(path, meta)
 
 
 def build_backbone(info: ModelInfo, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -162,3 +169,31 @@ def build_backbone(info: ModelInfo, state: dict[str, torch.Tensor]) -> nn.Module
             f"{first}); was it written by another version?"
         )
     return model
+
+
+PRETRAIN_NAME = "pretrain_best.safetensors"
+
+
+def bn_changed_reason(extra: dict) -> str | None:
+    """Why a meta checkpoint's BatchNorm is no longer the pre-trained network's, or None.
+
+    Meta-training freezes W and b, so dropping SS gives back the pre-trained network,
+    unless BN changed: its affine parameters were meta-learned (``ss_bn_affine``), its
+    running statistics were updated (``meta.bn_mode=train``), or the checkpoint is the MTL
+    authors' PyTorch meta model (their optimiser also trained BN gamma/beta, in train mode).
+    """
+    if extra.get("bn_affine"):
+        return "its BN affine parameters were meta-trained (model.ss_bn_affine)"
+    if extra.get("bn_mode") == "train":
+        return "its BN statistics were updated during meta-training (meta.bn_mode=train)"
+    if extra.get("import_format") == "authors-meta":
+        return "the MTL authors' meta-training also trained BN gamma/beta"
+    return None
+
+
+def sibling_pretrained(meta_path: str | Path | None) -> Path | None:
+    """The pre-trained checkpoint next to a meta checkpoint (its run directory's), if any."""
+    if meta_path is None:
+        return None
+    candidate = Path(meta_path).parent / PRETRAIN_NAME
+    return candidate if candidate.is_file() and candidate != Path(meta_path) else None

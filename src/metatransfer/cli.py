@@ -323,7 +323,7 @@ def cmd_import(args: argparse.Namespace) -> None:
     if not (args.format and args.path and args.out):
         raise ConfigError("usage: mtl import FORMAT PATH --out FILE (`mtl import --list` "
                           "shows the formats)")
-    print(main_import(args.format, args.path, args.out))
+    print(main_import(args.format, args.path, args.out, args.dataset, args.image_size))
 
 
 # ----------------------------------------------------------------------------- parser
@@ -386,8 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import", help="convert published weights to a metatransfer checkpoint")
     p.add_argument("format", nargs="?", help="a format from --list: authors-pretrain, "
-                   "authors-meta, feat or rfs")
-    p.add_argument("path", nargs="?", help="the file to convert")
+                   "authors-meta, authors-tf, feat or rfs")
+    p.add_argument("path", nargs="*", help="the file to convert (authors-tf: the folder of "
+                   "one setting, or its weights.npy, ss_weights.npy, fc_weights.npy)")
+    p.add_argument("--dataset", help="what the source was trained on, when it decides the "
+                   "preprocessing: miniimagenet | tieredimagenet | cifarfs | fc100 (rfs: "
+                   "read from the checkpoint's options)")
+    p.add_argument("--image-size", type=int, help="the source's input size, when it was "
+                   "trained at another than its code's default")
     p.add_argument("--out", help="output checkpoint (.safetensors); required")
     p.add_argument("--list", action="store_true", help="list the formats and exit")
     p.set_defaults(func=cmd_import)

@@ -31,6 +31,10 @@ class DataConfig:
     name: str = "glyphs"
     root: str | None = None  # dataset root on disk (not needed for glyphs)
     image_size: int = 0  # side length after resizing; 0 = the dataset's own default
+    # resize policy: "" (a checkpoint's own, else direct) | direct | crop:N (shorter side
+    # to N, then the centre crop: the MTL authors' and FEAT's test transform)
+    resize: str = ""
+    stats: str = ""  # channel statistics: "" = a checkpoint's own | dataset
     cache_dir: str | None = None  # uint8 cache location; default: a user cache dir
     skip_corrupt: bool = False  # skip unreadable images with a warning instead of stopping
     layout: str = "auto"  # miniimagenet: auto | csv | folder

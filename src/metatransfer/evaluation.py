@@ -136,18 +136,31 @@ def evaluate(
     if len(ids) == 0:
         return np.zeros(0)
     batch = EpisodeBatch.concat([sampler.episode(int(i)) for i in ids])
-    feats, row_of = _embed_needed(embedder, split, batch, cache, progress)
     support_labels = to_device(batch.support_labels(), embedder.device)
     query_labels = to_device(batch.query_labels(), embedder.device)
     ways = batch.ways
-    # feature rows of every episode, moved to the device in one transfer (no per-chunk sync)
-    support_rows = to_device(row_of[batch.support], feats.device)
-    query_rows = to_device(row_of[batch.query], feats.device)
+    if uses_batch_stats(embedder.backbone):
+        # BN normalises with each call's batch statistics (the MTL authors' TensorFlow
+        # model): an embedding depends on its batch, so embed each episode's support set
+        # in one call and its query set in another, as their meta-test does; no cache
+        def chunk_feats(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+            tasks = range(start, min(start + episode_batch, batch.tasks))
+            return (torch.stack([_one_call(embedder, split, batch.support[t]) for t in tasks]),
+                    torch.stack([_one_call(embedder, split, batch.query[t]) for t in tasks]))
+    else:
+        feats, row_of = _embed_needed(embedder, split, batch, cache, progress)
+        # feature rows of every episode, moved to the device in one transfer (no per-chunk
+        # sync)
+        support_rows = to_device(row_of[batch.support], feats.device)
+        query_rows = to_device(row_of[batch.query], feats.device)
+
+        def chunk_feats(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return (feats[support_rows[start:start + episode_batch]],
+                    feats[query_rows[start:start + episode_batch]])
     correct = []
     with torch.no_grad():
         for start in range(0, batch.tasks, episode_batch):
-            support = feats[support_rows[start:start + episode_batch]]
-            query = feats[query_rows[start:start + episode_batch]]
+            support, query = chunk_feats(start)
             tasks = support.shape[0]
             logits = episode_logits(method, support, support_labels.expand(tasks, -1), query,
                                     ways, steps, lr, head)
@@ -178,6 +191,17 @@ def evaluate_all_ranks(
     ids = episode_ids(count, distributed.rank(), distributed.world_size())
     acc = evaluate(method, embedder, split, sampler, ids, steps, lr, head, **kwargs)
     return distributed.gather_by_index(ids, acc, count)
+
+
+def uses_batch_stats(backbone: nn.Module) -> bool:
+    """Whether some BatchNorm normalises with per-call batch statistics (no running ones)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+               for m in backbone.modules())
+
+
+def _one_call(embedder: Embedder, split: ImageSplit, indices: np.ndarray) -> torch.Tensor:
+    """Embed ``indices`` in a single backbone call (their batch is the BN batch)."""
+    return embedder.embed(split, np.asarray(indices), batch_size=max(len(indices), 1))
 
 
 def _embed_needed(embedder: Embedder, split: ImageSplit, batch, cache: dict | None,

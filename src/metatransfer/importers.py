@@ -16,6 +16,15 @@ Formats (``IMPORT_FORMATS``):
 - ``feat``: ``{"params": {"encoder.<resnet12 key>": ...}}`` -> ``resnet12``; FEAT's other
   modules (``fc.*``, ``slf_attn.*``) dropped.
 - ``rfs``: ``{"model": resnet12 state dict, ...}`` -> ``resnet12``; ``classifier.*`` dropped.
+- ``authors-tf``: the authors' TensorFlow release (``weights.npy``, ``ss_weights.npy``,
+  ``fc_weights.npy``) -> ``resnet12-tf`` with SS and theta_0 (:mod:`.importers_tf`).
+
+Each import stores the source's own test-time preprocessing (:mod:`.preprocessing`): the
+authors' PyTorch code and FEAT resize to 92 then centre-crop 80 / 84 px with their channel
+statistics; RFS uses its 84 px pickles as they are (32 px and CIFAR statistics for its
+CIFAR-FS/FC100 models, read from its stored options or ``--dataset``); the TensorFlow
+code feeds 84 px images in [0, 1]. The authors' ResNetMtl is accepted with ``layers``
+[4, 4, 4] and their earlier [3, 3, 3]; any other variant is refused by name.
 """
 
 from __future__ import annotations
@@ -40,6 +49,10 @@ AUTHORS_MEAN = [x / 255.0 for x in (125.3, 123.0, 113.9)]
 AUTHORS_STD = [x / 255.0 for x in (63.0, 62.1, 66.7)]
 MINI_RES12_MEAN = [x / 255.0 for x in (120.39586422, 115.59361427, 104.54012653)]
 MINI_RES12_STD = [x / 255.0 for x in (70.68188272, 68.27635443, 72.54505529)]
+CIFAR_RES12_MEAN = [x / 255.0 for x in (129.37731888, 124.10583864, 112.47758569)]
+CIFAR_RES12_STD = [x / 255.0 for x in (68.20947949, 65.43124043, 70.45866994)]
+# the test transform of the authors' PyTorch code and of FEAT: Resize(92) -> CenterCrop
+CROP_92 = "crop:92"
 
 
 @dataclass(frozen=True)
@@ -52,18 +65,38 @@ class _Format:
     std: list[float]
     meta: bool  # carries SS parameters and theta_0
     description: str
+    resize: str = "direct"  # the source's test-time resize (metatransfer.preprocessing)
 
 
 IMPORT_FORMATS: dict[str, _Format] = {
     "authors-pretrain": _Format("resnet25", {}, "params", 80, AUTHORS_MEAN, AUTHORS_STD, False,
-                                "MTL authors' PyTorch pre-trained ResNet-25 (max_acc.pth)"),
+                                "MTL authors' PyTorch pre-trained ResNet-25 (max_acc.pth)",
+                                CROP_92),
     "authors-meta": _Format("resnet25", {}, "params", 80, AUTHORS_MEAN, AUTHORS_STD, True,
-                            "MTL authors' PyTorch meta-trained model (SS + theta_0)"),
+                            "MTL authors' PyTorch meta-trained model (SS + theta_0)", CROP_92),
     "feat": _Format("resnet12", {"drop_rate": 0.1, "dropblock_size": 5}, "params", 84,
-                    MINI_RES12_MEAN, MINI_RES12_STD, False, "FEAT's ResNet-12 checkpoint"),
+                    MINI_RES12_MEAN, MINI_RES12_STD, False, "FEAT's ResNet-12 checkpoint",
+                    CROP_92),
     "rfs": _Format("resnet12", {"drop_rate": 0.1, "dropblock_size": 5}, "model", 84,
                    MINI_RES12_MEAN, MINI_RES12_STD, False, "RFS's ResNet-12 checkpoint"),
+    "authors-tf": _Format("resnet12-tf", {"bn_stats": "batch", "bn_eps": 1e-3}, "", 84,
+                          [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], True,
+                          "MTL authors' TensorFlow release (weights.npy, ss_weights.npy, "
+                          "fc_weights.npy)"),
 }
+
+# RFS trains on pickled, already-resized images (no test-time resize) and stores its
+# options (``opt.dataset``) beside the weights: the dataset decides size and statistics.
+RFS_DATASETS = {
+    "miniImageNet": "miniimagenet", "tieredImageNet": "tieredimagenet",
+    "CIFAR-FS": "cifarfs", "FC100": "fc100",
+}
+RFS_CIFAR = {"image_size": 32, "mean": CIFAR_RES12_MEAN, "std": CIFAR_RES12_STD,
+             "backbone_args": {"drop_rate": 0.1, "dropblock_size": 2}}
+IMPORT_DATASETS = ("miniimagenet", "tieredimagenet", "cifarfs", "fc100")
+# ResNetMtl's layers: [4, 4, 4] today, [3, 3, 3] in the authors' repository from 2019-08
+# until commit a43f94a (2020-03)
+AUTHORS_BLOCKS = (4, 3)
 
 
 @dataclass
@@ -202,13 +235,92 @@ def _fill_num_batches(tkey: str) -> str | None:
     return None
 
 
-def convert(fmt: str, path: str | Path) -> ImportResult:
-    """Read a published checkpoint and map it onto our backbone (nothing written)."""
+def _single_path(path, fmt: str) -> Path:
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            raise ConfigError(f"'{fmt}' imports one file, got {len(path)} paths; pass one")
+        path = path[0]
+    return Path(path)
+
+
+def _rfs_dataset(obj: dict, path: Path) -> str | None:
+    """The dataset an RFS checkpoint was trained on, from its stored options."""
+    opt = obj.get("opt")
+    name = getattr(opt, "dataset", None) if opt is not None else None
+    if name is None and isinstance(opt, dict):
+        name = opt.get("dataset")
+    if name is None:
+        return None
+    if name not in RFS_DATASETS:
+        raise CheckpointError(f"{path} was trained on '{name}' (its opt.dataset), a dataset "
+                              f"this importer has no preprocessing for (known: "
+                              f"{', '.join(RFS_DATASETS)})")
+    return RFS_DATASETS[name]
+
+
+def _authors_blocks(source: dict[str, torch.Tensor], path: Path) -> int:
+    """BasicBlocks per stage of an authors' ResNetMtl: 4, or 3 in their older code."""
+    counts: dict[int, int] = {}
+    for key in source:
+        found = re.match(r"layer(\d+)\.(\d+)\.", _strip(key, ("encoder.",)))
+        if found:
+            layer, block = int(found.group(1)), int(found.group(2))
+            counts[layer] = max(counts.get(layer, 0), block + 1)
+    layers = [counts[k] for k in sorted(counts)]
+    if sorted(counts) == [1, 2, 3] and len(set(layers)) == 1 and layers[0] in AUTHORS_BLOCKS:
+        return layers[0]
+    raise CheckpointError(f"{path} is a ResNet with layers={layers}, not a released variant "
+                          "of the authors' ResNetMtl (layers=[4, 4, 4], or [3, 3, 3] before "
+                          "their commit a43f94a); this variant cannot be imported")
+
+
+def convert(fmt: str, path, dataset: str | None = None,
+            image_size: int | None = None) -> ImportResult:
+    """Read a published checkpoint and map it onto our backbone (nothing written).
+
+    ``dataset`` (one of ``IMPORT_DATASETS``) selects the source's preprocessing for that
+    dataset where it differs (RFS on CIFAR-FS/FC100: 32 px, CIFAR statistics; detected
+    from RFS's stored options when present); ``image_size`` overrides the input size.
+    """
     spec = _fmt(fmt)
-    path = Path(path)
-    source = _source_state(read_torch_file(path), spec, fmt, path)
+    if dataset is not None and dataset not in IMPORT_DATASETS:
+        raise ConfigError(f"unknown --dataset '{dataset}'; choose one of "
+                          f"{', '.join(IMPORT_DATASETS)}")
+    if image_size is not None and image_size < 8:
+        raise ConfigError(f"--image-size {image_size} is too small; give the source's input "
+                          "size in pixels (e.g. 84, 80 or 32)")
+    if dataset in ("cifarfs", "fc100") and fmt not in ("rfs", "authors-tf"):
+        raise ConfigError(f"'{fmt}' checkpoints were released for ImageNet-style data only; "
+                          f"--dataset {dataset} applies to rfs and authors-tf")
+    prep = {"image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std),
+            "resize": spec.resize}
+    backbone_args = dict(spec.backbone_args)
+    if fmt == "authors-tf":
+        from .importers_tf import convert_tf
+
+        # their FC100 models too: the 5x5 VALID average pool then the (512, ways)
+        # classifier need a 5x5 last map, i.e. 80-95 px inputs, so 84 stays
+        result = convert_tf(path, backbone_args, ImportReport())
+        return _finish(fmt, spec, result, prep, dataset, image_size)
+    path = _single_path(path, fmt)
+    obj = read_torch_file(path)
+    source = _source_state(obj, spec, fmt, path)
+    if fmt == "rfs":
+        found = _rfs_dataset(obj, path)
+        if dataset and found and dataset != found:
+            raise CheckpointError(f"{path} was trained on {found} (its opt.dataset), not "
+                                  f"{dataset}; drop --dataset")
+        dataset = dataset or found
+        if dataset in ("cifarfs", "fc100"):
+            prep.update(image_size=RFS_CIFAR["image_size"], mean=list(RFS_CIFAR["mean"]),
+                        std=list(RFS_CIFAR["std"]))
+            backbone_args = dict(RFS_CIFAR["backbone_args"])
+    if fmt in ("authors-pretrain", "authors-meta"):
+        blocks = _authors_blocks(source, path)
+        if blocks != 4:
+            backbone_args["blocks"] = blocks
     report = ImportReport()
-    model = create_backbone(spec.backbone, in_channels=3, **spec.backbone_args)
+    model = create_backbone(spec.backbone, in_channels=3, **backbone_args)
     if spec.meta:
         enable_ss(model, granularity="kernel", scope="all")
     target = {k: v for k, v in model.state_dict().items()}
@@ -270,22 +382,48 @@ def convert(fmt: str, path: str | Path) -> ImportResult:
 
     # final guard: the mapped state loads into the model exactly
     model.load_state_dict(backbone_state, strict=True)
-    ways = int(head["weight"].shape[0]) if head else 0
+    result = _Converted(backbone_args, backbone_state, head, report, str(path), {})
+    return _finish(fmt, spec, result, prep, dataset, image_size)
+
+
+@dataclass
+class _Converted:
+    """A mapped state before its metadata is written."""
+
+    backbone_args: dict
+    backbone: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor]
+    report: ImportReport
+    source: str
+    settings: dict  # ModelInfo fields the source decides (e.g. its inner loop)
+
+
+def _finish(fmt: str, spec: _Format, done: _Converted, prep: dict, dataset: str | None,
+            image_size: int | None) -> ImportResult:
+    """The metadata of an import: the source's own test-time preprocessing."""
+    extra = {"import_format": fmt}
+    if dataset:
+        extra["dataset"] = dataset
+    if image_size is not None and image_size != prep["image_size"]:
+        extra["image_size_overridden"] = {"source": prep["image_size"], "given": image_size}
+        prep["image_size"] = image_size
+    head = done.head
     info = ModelInfo(
         backbone=spec.backbone,
-        backbone_args=dict(spec.backbone_args),
+        backbone_args=dict(done.backbone_args),
         in_channels=3,
-        image_size=spec.image_size,
-        mean=list(spec.mean),
-        std=list(spec.std),
-        phase="meta" if spec.meta else "imported",
-        ways=ways,
-        inner_steps=100,
-        inner_lr=0.01,
-        source=str(path),
-        extra={"import_format": fmt},
+        image_size=prep["image_size"],
+        resize=prep["resize"],
+        mean=list(prep["mean"]),
+        std=list(prep["std"]),
+        phase="meta" if head else "imported",
+        ways=int(head["weight"].shape[0]) if head else 0,
+        inner_steps=done.settings.get("inner_steps", 100),
+        inner_lr=done.settings.get("inner_lr", 0.01),
+        source=done.source,
+        extra={**extra, **done.settings.get("extra", {})},
     )
-    return ImportResult(info, backbone_state, head, report)
+    return ImportResult(info, done.backbone, head, done.report)
 
 
 def _authors_head(
@@ -323,9 +461,10 @@ def _authors_head(
     return head
 
 
-def import_checkpoint(fmt: str, path: str | Path, out: str | Path) -> ModelInfo:
+def import_checkpoint(fmt: str, path, out: str | Path, dataset: str | None = None,
+                      image_size: int | None = None) -> ModelInfo:
     """Convert ``path`` (format ``fmt``) into a metatransfer checkpoint at ``out``."""
-    result = convert(fmt, path)
+    result = convert(fmt, path, dataset, image_size)
     save_model(out, result.info, result.backbone, result.head or None)
     return result.info
 
@@ -347,20 +486,30 @@ def summarize(fmt: str, result: ImportResult, out: str | Path) -> str:
         by_reason: dict[str, int] = {}
         for _, reason in rep.filled:
             by_reason[reason] = by_reason.get(reason, 0) + 1
-        lines.append(f"  filled {len(rep.filled)} tensors with zeros (exact no-ops):")
+        lines.append(f"  filled {len(rep.filled)} tensors with their no-op values:")
         lines += [f"    {n} x {reason}" for reason, n in by_reason.items()]
     if rep.ignored:
         lines.append(f"  ignored {len(rep.ignored)} source tensors:")
         lines += [f"    {key}: {reason}" for key, reason in rep.ignored]
-    lines.append(f"  normalisation mean {_fmt_floats(info.mean)}, std {_fmt_floats(info.std)}")
+    lines.append(f"  preprocessing: {info.image_size} px, resize {info.resize}, normalisation "
+                 f"mean {_fmt_floats(info.mean)}, std {_fmt_floats(info.std)}")
+    if info.backbone_args.get("bn_stats") == "batch":
+        lines.append("  BatchNorm: per-call batch statistics, as the source evaluates (no "
+                     "running statistics were released)")
     return "\n".join(lines)
 
 
 def _rule(source: str, target: str) -> str:
     """Collapse one rename into a rule, e.g. ``encoder.<key> -> <key>`` or
     ``encoder.<conv>.mtl_weight -> <conv>.ss_scale``."""
-    if source.startswith("base_learner."):
+    if source.startswith("base_learner.") or source.startswith("fc_weights/"):
         return f"{source} -> {target}"
+    tf = re.fullmatch(r"(\w+)/block\d+_(conv|bias)(\d*)(_res)?", source)
+    if tf:  # the TensorFlow release: one rule per kind of tensor
+        numbered = re.sub(r"layer\d+", "layer<i>", target)
+        numbered = re.sub(r"conv\d", "conv<j>", numbered)
+        j = "<j>" if tf.group(3) else ""
+        return f"{tf.group(1)}/block<i>_{tf.group(2)}{j}{tf.group(4) or ''} -> {numbered}"
     if source.endswith(target):
         return f"{source[: -len(target)]}<key> -> <key>"
     stem = target.rsplit(".", 1)[0]
@@ -374,8 +523,9 @@ def _fmt_floats(values: list[float]) -> str:
     return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
 
 
-def main_import(fmt: str, path: str | Path, out: str | Path) -> str:
+def main_import(fmt: str, path, out: str | Path, dataset: str | None = None,
+                image_size: int | None = None) -> str:
     """CLI entry (``mtl import FORMAT PATH --out CHECKPOINT``): import, return a summary."""
-    result = convert(fmt, path)
+    result = convert(fmt, path, dataset, image_size)
     save_model(out, result.info, result.backbone, result.head or None)
     return summarize(fmt, result, out)

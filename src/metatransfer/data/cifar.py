@@ -22,10 +22,10 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..config import DataConfig
 from ..errors import DataError
+from ..preprocessing import canonical_resize, resize_array
 from .base import ImageSplit
 from .cache import cache_key, cache_root, cached_shape, cached_uint8, files_fingerprint
 from .images import FORMAT_VERSION, packaged_split, require_root
@@ -141,11 +141,10 @@ def _fine_classes(dataset: str, split: str, fine_names: list[str], coarse_names:
     return sorted(set(ids), key=lambda i: fine_names[i])
 
 
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
-    if size == images.shape[1]:
+def _resize(images: np.ndarray, size: int, policy: str = "direct") -> np.ndarray:
+    if size == images.shape[1] and policy == "direct":
         return images
-    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.LANCZOS))
-                     for im in images])
+    return np.stack([resize_array(im, size, policy) for im in images])
 
 
 def load_cifar(cfg: DataConfig, split: str, dataset: str) -> ImageSplit:
@@ -159,9 +158,11 @@ def load_cifar(cfg: DataConfig, split: str, dataset: str) -> ImageSplit:
             raise DataError(f"{path} is {kind}, where the CIFAR-100 pickle file is expected; "
                             f"{FIX}")
     size = cfg.image_size or DEFAULT_SIZE
+    resize = canonical_resize(cfg.resize)
+    policy = {} if resize == "direct" else {"resize": resize}  # direct: old cache keys
     lists = hashlib.sha256(json.dumps(_split_list(dataset, split)).encode()).hexdigest()[:16]
     key = cache_key(dataset=dataset, split=split, files=files_fingerprint(sources), lists=lists,
-                    size=size, version=FORMAT_VERSION)
+                    size=size, version=FORMAT_VERSION, **policy)
     directory = cache_root(cfg.cache_dir) / dataset
     shape = cached_shape(directory, key)
 
@@ -201,7 +202,7 @@ def load_cifar(cfg: DataConfig, split: str, dataset: str) -> ImageSplit:
         rows = 0
         for batch in parts:
             for start in range(0, len(batch), 1000):
-                chunk = _resize(batch[start : start + 1000], size)
+                chunk = _resize(batch[start : start + 1000], size, resize)
                 out[rows : rows + len(chunk)] = chunk
                 rows += len(chunk)
         return {"labels": labels.tolist(), "class_names": names}

@@ -5,7 +5,8 @@ files and labels, then calls :func:`load_image_files`, which decodes and resizes
 exactly once into a memory-mapped ``.npy`` (rows written one by one, so peak memory is
 the uint8 array) and memory-maps it on every later load.
 
-Resizing: straight to ``size x size`` with Lanczos (what the usual 84x84 miniImageNet and
+Resizing (``data.resize``, see :mod:`metatransfer.preprocessing`): by default straight to
+``size x size`` with Lanczos (what the usual 84x84 miniImageNet and
 28x28 Omniglot files were made with); large JPEGs are first reduced by the decoder
 (``draft``), which is much faster and loses nothing at these small target sizes.
 """
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from ..config import DATA_ENV, DATA_PLACEHOLDER, data_search_path
 from ..errors import DataError
+from ..preprocessing import canonical_resize, parse_resize, resize_pil
 from .base import ImageSplit
 from .cache import cache_key, cache_root, cached_uint8, files_fingerprint
 
@@ -52,8 +54,10 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def read_image(path: Path, size: int, channels: int, invert: bool = False) -> np.ndarray:
-    """One file as ``(size, size, channels)`` uint8; ``invert`` flips grey levels (ink).
+def read_image(path: Path, size: int, channels: int, invert: bool = False,
+               resize: str = "direct") -> np.ndarray:
+    """One file as ``(size, size, channels)`` uint8; ``invert`` flips grey levels (ink);
+    ``resize`` is the policy of :mod:`metatransfer.preprocessing` (``direct`` or ``crop:N``).
 
     Raises :class:`CorruptImageError` for a directory, an empty file or undecodable bytes,
     and :class:`DataError` for a missing file.
@@ -71,13 +75,13 @@ def read_image(path: Path, size: int, channels: int, invert: bool = False) -> np
     mode = "RGB" if channels == 3 else "L"
     try:
         with Image.open(path) as im:
-            if im.format == "JPEG" and min(im.size) > 2 * size:
-                im.draft(mode, (size, size))
+            target = parse_resize(resize) or size
+            if im.format == "JPEG" and min(im.size) > 2 * target:
+                im.draft(mode, (target, target))
             if im.mode == "P":  # palette (often GIF/PNG with transparency): go through RGBA
                 im = im.convert("RGBA")
             im = im.convert(mode)
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.LANCZOS)
+            im = resize_pil(im, size, resize)
             array = np.asarray(im, dtype=np.uint8)
     except UnidentifiedImageError:
         raise CorruptImageError(f"{path} is not a readable image; {SKIP_HINT}") from None
@@ -167,6 +171,7 @@ def load_image_files(
     variants: int = 1,
     expand: Callable[[np.ndarray], list[np.ndarray]] | None = None,
     variant_names: Sequence[str] = ("",),
+    resize: str = "",
 ) -> ImageSplit:
     """Decode ``paths`` (label ``labels[i]`` each) once into the cache; return the split.
 
@@ -178,17 +183,20 @@ def load_image_files(
     if not len(paths):
         raise DataError(f"{name}: no images found under {source}; check data.root")
     fp = fingerprint(paths, missing or (lambda p: f"{p} does not exist; restore it"))
+    resize = canonical_resize(resize)
+    policy = {} if resize == "direct" else {"resize": resize}  # direct: the keys of old caches
     key = cache_key(
         dataset=dataset, split=split, files=fp, version=FORMAT_VERSION, size=size,
         channels=channels, invert=invert, variants=variants, variant_names=list(variant_names),
         labels=hashlib.sha256(labels.tobytes()).hexdigest()[:16],
         classes=hashlib.sha256("\n".join(class_names).encode(errors="surrogateescape"))
         .hexdigest()[:16],
+        **policy,
     )
     shape = (len(paths) * variants, size, size, channels)
 
     def read(path: Path) -> np.ndarray:
-        return read_image(path, size, channels, invert)
+        return read_image(path, size, channels, invert, resize)
 
     def fill(out: np.ndarray) -> dict:
         skipped = fill_rows(out, paths, read, skip_corrupt=skip_corrupt, expand=expand,

@@ -121,5 +121,6 @@ def load(cfg: DataConfig, split: str) -> ImageSplit:
     return load_image_files(
         dataset="miniimagenet", split=split, paths=paths, labels=labels, class_names=names,
         size=cfg.image_size or DEFAULT_SIZE, channels=3, mean=MEAN, std=STD,
+        resize=cfg.resize,
         cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, source=source, missing=missing,
     )

@@ -128,6 +128,7 @@ def load(cfg: DataConfig, split: str) -> ImageSplit:
     return load_image_files(
         dataset="omniglot", split=split, paths=paths, labels=labels,
         class_names=names, size=cfg.image_size or DEFAULT_SIZE, channels=1, mean=MEAN, std=STD,
+        resize=cfg.resize,
         cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, source=str(root), invert=True,
         variants=4 if rotate else 1, expand=_rotations if rotate else None,
         variant_names=ROTATION_NAMES if rotate else ("",),

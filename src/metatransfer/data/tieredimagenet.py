@@ -56,5 +56,6 @@ def load(cfg: DataConfig, split: str) -> ImageSplit:
     return load_image_files(
         dataset="tieredimagenet", split=split, paths=paths, labels=labels, class_names=names,
         size=cfg.image_size or DEFAULT_SIZE, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        resize=cfg.resize,
         cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, source=str(folder),
     )

@@ -175,6 +175,11 @@ class ResNet12TF(_ResNet12Base):
     Differences from ``resnet12`` (theirs, kept): conv biases, activation before the
     residual sum, shortcut without BN, plain dropout (keep 0.9 in their pre-training).
     Their BN has no learned scale; ours has one (initialised to 1).
+
+    ``bn_stats="batch"`` evaluates as their code does: ``tf.contrib.layers.batch_norm``
+    with its defaults normalises with the statistics of each call's batch, at test time
+    too, and keeps no running statistics (none are in their released files); ``bn_eps``
+    is that layer's epsilon (1e-3 in TensorFlow, 1e-5 in PyTorch).
     """
 
     def __init__(
@@ -182,9 +187,21 @@ class ResNet12TF(_ResNet12Base):
         in_channels: int = 3,
         widths: Sequence[int] = (64, 128, 256, 512),
         drop_rate: float = 0.1,
+        bn_stats: str = "running",
+        bn_eps: float = 1e-5,
     ) -> None:
         super().__init__(in_channels, widths, drop_rate, dropblock_size=1,
                          dropblock_stages=0, tf_style=True)
+        if bn_stats not in ("running", "batch"):
+            raise ValueError(f"bn_stats must be 'running' or 'batch', got {bn_stats}")
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eps = float(bn_eps)
+                if bn_stats == "batch":  # per-call batch statistics, in eval mode too
+                    m.track_running_stats = False
+                    m.register_buffer("running_mean", None)
+                    m.register_buffer("running_var", None)
+                    m.register_buffer("num_batches_tracked", None)
 
 
 class BasicBlock(nn.Module):

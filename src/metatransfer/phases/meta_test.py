@@ -27,7 +27,13 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..checkpoints import ModelInfo, build_backbone, load_model
+from ..checkpoints import (
+    ModelInfo,
+    bn_changed_reason,
+    build_backbone,
+    load_model,
+    sibling_pretrained,
+)
 from ..config import RunConfig
 from ..data import load_split
 from ..data.episodes import EpisodeSampler
@@ -41,6 +47,7 @@ from ..evaluation import (
 )
 from ..finetune import evaluate_ft_all
 from ..learners import METHODS
+from ..preprocessing import apply_stats, for_checkpoint
 from ..runs import RunDir
 from .common import make_embedder, prepare_backbone
 
@@ -69,12 +76,23 @@ def load_models(meta_path: Path | None, pretrained_path: Path | None, methods: l
         models["mtl"] = (info, build_backbone(info, state), (head["weight"], head["bias"]))
     baselines = [m for m in methods if m != "mtl"]
     if baselines:
+        changed = bn_changed_reason(meta[0].extra) if meta is not None else None
+        if pretrained_path is None and changed:
+            pretrained_path = sibling_pretrained(meta_path)  # the run directory's
+            if pretrained_path is not None:
+                log.info("baselines %s use %s: %s", ", ".join(baselines), pretrained_path,
+                         changed)
         if pretrained_path is not None:
             info, state, _ = load_model(pretrained_path)
-        elif meta is not None and not meta[0].extra.get("bn_affine"):
+        elif meta is not None and not changed:
             # W and b are frozen during meta-training: dropping SS gives the pre-trained net
             info, state = meta[0], {k: v for k, v in meta[1].items()
                                     if not k.endswith(("ss_scale", "ss_shift"))}
+        elif meta is not None:
+            raise MTLError(f"methods {', '.join(baselines)} are the pre-trained network, but "
+                           f"{meta_path} is not ({changed}): pass --pretrained with the "
+                           "checkpoint meta-training started from (pretrain_best.safetensors, "
+                           "or the imported pre-trained model)")
         else:
             raise MTLError(f"methods {', '.join(baselines)} need the pre-trained checkpoint "
                            "(pass --pretrained)")
@@ -91,17 +109,31 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
     unknown = [m for m in ec.methods if m not in ALL_METHODS]
     if unknown:
         raise ConfigError(f"unknown method '{unknown[0]}'; choose from {', '.join(ALL_METHODS)}")
-    with distributed.local_main_first():
-        split = load_split(cfg.data, split_name(cfg))
     models = load_models(meta_path, pretrained_path, ec.methods)
-    embedders, caches = {}, {}
+    # each model sees its checkpoint's preprocessing (size, resize policy, statistics,
+    # feature normalisation) unless the config overrides it explicitly
+    splits, loaded, preps, embedders, caches = {}, {}, {}, {}, {}
     for info, backbone, _ in models.values():
         key = id(backbone)
-        if key not in embedders:
-            prepare_backbone(cfg, backbone, device).eval()
-            norm = info.feature_norm  # the same features the inner loop was tuned for
-            embedders[key] = make_embedder(cfg, backbone, split, device, norm)
-            caches[key] = {}
+        if key in embedders:
+            continue
+        data, prep = for_checkpoint(cfg.data, info, "meta-test: ")
+        geometry = (data.image_size, data.resize)
+        if geometry not in loaded:
+            with distributed.local_main_first():
+                loaded[geometry] = load_split(data, split_name(cfg))
+        splits[key] = apply_stats(loaded[geometry], prep, "meta-test: ")
+        if info.in_channels != splits[key].channels:
+            raise MTLError(f"the {info.backbone} checkpoint expects {info.in_channels}-channel "
+                           f"images but {splits[key].name} has {splits[key].channels}; "
+                           "evaluate it on a dataset like the one it was trained on")
+        preps[key] = prep
+        prepare_backbone(cfg, backbone, device).eval()
+        norm = info.feature_norm  # the same features the inner loop was tuned for
+        embedders[key] = make_embedder(cfg, backbone, splits[key], device, norm)
+        caches[key] = {}
+    first = id(next(iter(models.values()))[1])
+    split = splits[first]
     rows = []
     per_episode: dict[str, np.ndarray] = {}
     started = time.perf_counter()
@@ -116,16 +148,16 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
                     count = min(ec.ft_all_episodes, ec.episodes)
                     ids = episode_ids(count, distributed.rank(), distributed.world_size())
                     acc = distributed.gather_by_index(ids, evaluate_ft_all(
-                        backbone, split, sampler, ids, device, ec.ft_all_steps, ec.ft_all_lr),
-                        count)
+                        backbone, splits[id(backbone)], sampler, ids, device, ec.ft_all_steps,
+                        ec.ft_all_lr), count)
                     rows.append(result_row(method, ways, shots, ec.queries, acc))
                     per_episode[setting_key(method, ways, shots)] = np.asarray(acc)
                     continue
                 if head is not None:
                     head = (head[0].to(device), head[1].to(device))
                 # each process runs its share of the episodes; all of them are gathered
-                acc = evaluate_all_ranks(method, embedders[id(backbone)], split, sampler,
-                                         ec.episodes, ec.inner_steps, ec.inner_lr, head,
+                acc = evaluate_all_ranks(method, embedders[id(backbone)], splits[id(backbone)],
+                                         sampler, ec.episodes, ec.inner_steps, ec.inner_lr, head,
                                          episode_batch=ec.episode_batch,
                                          cache=caches[id(backbone)],
                                          progress=show and run.is_main)
@@ -136,7 +168,7 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
     results = {
         "dataset": cfg.data.name,
         "split": split_name(cfg),
-        "backbone": cfg.model.backbone,
+        "backbone": models[ec.methods[0]][0].backbone if ec.methods else cfg.model.backbone,
         "seed": cfg.seed,
         "eval_seed": ec.seed,
         "selection_seed": ec.val_seed,  # in-training validation: a stream apart from these
@@ -146,10 +178,14 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
         "world_size": distributed.world_size(),
         "training": training_sizes(cfg),
         "eval_seconds": round(time.perf_counter() - started, 2),
+        "preprocessing": preps[first].as_dict(),
         "results": rows,
         "comparisons": comparison_rows(per_episode, pairs, settings),
         "per_episode": per_episode,  # for scripts; written to episodes.json, not results.json
     }
+    by_method = {m: preps[id(models[m][1])].as_dict() for m in ec.methods}
+    if any(p != results["preprocessing"] for p in by_method.values()):
+        results["preprocessing_by_method"] = by_method
     if "data_fingerprint" in split.meta:  # e.g. the fonts the glyphs were rendered from
         results["data_fingerprint"] = split.meta["data_fingerprint"]
     if run.is_main:

@@ -34,6 +34,7 @@ from ..data.transforms import Normalizer, gather_uint8, to_device
 from ..errors import CheckpointError, MTLError
 from ..learners import adapt, linear_logits, normalize_features
 from ..models.ss import enable_ss
+from ..preprocessing import apply_stats, checkpoint_preprocessing
 from ..runs import RunDir, seed_phase
 from ..training import Step, TrainingLoop
 from .common import (
@@ -213,10 +214,12 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
                         sums=("loss_sum", "acc_sum", "hard_sum"), count="count")
     if loop.finished:
         return loop.best_path
+    data, prep = checkpoint_preprocessing(cfg.data, pretrained)  # the pre-trained model's
     with distributed.local_main_first():
-        train = class_share(load_split(cfg.data, cfg.data.train_split), cfg.data.meta_holdout,
+        train = class_share(load_split(data, cfg.data.train_split), cfg.data.meta_holdout,
                             "meta")
-        val = load_split(cfg.data, cfg.data.val_split)
+        val = load_split(data, cfg.data.val_split)
+    train, val = apply_stats(train, prep), apply_stats(val, prep)
     sampler = EpisodeSampler(train.indices_by_class, mc.ways, mc.shots, mc.queries,
                              seed=cfg.seed, name=train.name)
     val.require(mc.ways, mc.shots + mc.queries, "validation episodes")
@@ -251,7 +254,8 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
     meta_info.inner_steps, meta_info.inner_lr = mc.inner_steps, mc.inner_lr
     meta_info.extra = {"bn_affine": cfg.model.ss_bn_affine, "ss_scope": cfg.model.ss_scope,
                        "ss_granularity": cfg.model.ss_granularity, "ht": mc.ht,
-                       "head_init": mc.head_init}
+                       "head_init": mc.head_init, "bn_mode": mc.bn_mode}
+    meta_info.resize = prep.resize
 
     def train_step(epoch: int, step: int) -> Step:
         """One meta-batch: its normal and hard tasks' mean query loss."""

@@ -25,6 +25,7 @@ from ..data import load_split
 from ..data.base import class_share
 from ..data.transforms import augment_batch, augmentation, gather_uint8, to_device
 from ..errors import ConfigError
+from ..preprocessing import canonical_resize
 from ..runs import RunDir, seed_phase
 from ..training import Step, TrainingLoop
 from .common import (
@@ -52,6 +53,7 @@ def model_info(cfg: RunConfig, split, backbone: nn.Module, phase: str) -> ModelI
     return ModelInfo(
         backbone=cfg.model.backbone, backbone_args=dict(cfg.model.backbone_args),
         in_channels=split.channels, image_size=split.image_size[0],
+        resize=canonical_resize(cfg.data.resize),
         mean=list(split.mean), std=list(split.std), phase=phase,
         feature_norm=cfg.meta.feature_norm, inner_steps=cfg.eval.inner_steps,
         inner_lr=cfg.eval.inner_lr, source=cfg.data.name,
