@@ -150,3 +150,29 @@ def test_ss_decay_pulls_toward_the_identity():
     assert learner.ss_penalty().item() == pytest.approx(expected)
     learner.ss_penalty().backward()
     assert (scale.grad > 0).all() and (shift.grad < 0).all()  # descent moves back to 1 and 0
+
+
+def test_meta_training_keeps_the_pretrained_network_unless_ss_helps(tmp_path):
+    """Epoch 0 (SS = identity, θ_0 = 0: the `ft` network) is validated and kept as the best
+    model until an epoch beats it on the selection stream: with SS that can only hurt
+    (a huge SS learning rate), the kept checkpoint is the pre-trained network."""
+    from conftest import tiny_overrides
+
+    from metatransfer.checkpoints import load_model
+    from metatransfer.phases.meta_train import meta_train
+    from metatransfer.phases.pretrain import pretrain
+    from metatransfer.runs import RunDir
+
+    cfg = load_config(overrides=tiny_overrides(tmp_path / "run") + [
+        "meta.lr_ss=5.0", "meta.epochs=1", "meta.episodes_per_epoch=2"])
+    run = RunDir(cfg.out)
+    best = meta_train(cfg, run, CPU, pretrain(cfg, run, CPU, show=False), show=False)
+    records = [r for r in run.metrics() if r["phase"] == "meta"]
+    assert [r["step"] for r in records] == [0, 1] and "loss" not in records[0]
+    assert records[1]["val_acc"] < records[0]["val_acc"]  # SS at lr 5 ruins the features
+    _, state, _ = load_model(best)
+    for key, value in state.items():  # the kept model is the starting one
+        if key.endswith("ss_scale"):
+            assert torch.equal(value, torch.ones_like(value)), key
+        elif key.endswith("ss_shift"):
+            assert torch.equal(value, torch.zeros_like(value)), key

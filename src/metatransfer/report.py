@@ -52,7 +52,9 @@ def plot_learning_curves(runs: dict[str, Path], out: Path) -> Path | None:
             if not rows:
                 continue
             epochs = [r["step"] for r in rows]
-            axes[0, col].plot(epochs, [r["loss"] for r in rows], marker="o", label=name)
+            trained = [r for r in rows if "loss" in r]  # epoch 0 (the start) has no loss
+            axes[0, col].plot([r["step"] for r in trained], [r["loss"] for r in trained],
+                              marker="o", label=name)
             ci = [r.get("val_ci95", 0.0) for r in rows]  # so that noise does not look a trend
             axes[1, col].errorbar(epochs, [r["val_acc"] for r in rows], yerr=ci, marker="o",
                                   capsize=3, label=name)

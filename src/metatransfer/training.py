@@ -343,6 +343,7 @@ class TrainingLoop:
         summary: Callable[[dict], dict],
         save_best: Callable[[], None],
         val_setting: str,
+        validate_start: bool = False,
     ) -> Path:
         """Train the remaining epochs; returns :attr:`best_path`.
 
@@ -351,7 +352,10 @@ class TrainingLoop:
         CI (percent); ``summary(totals)`` turns the epoch's running sums into the train
         metrics ``loss``, ``train_acc`` and any extra values (it may all-reduce: every
         process calls it); ``save_best()`` writes the best model (main process only);
-        ``val_setting`` (e.g. "5-way 1-shot") is for the log.
+        ``val_setting`` (e.g. "5-way 1-shot") is for the log. ``validate_start``: a fresh
+        run first validates the model it starts from (logged as epoch 0), which stays the
+        best unless an epoch beats it; meta-training uses it so that SS which only hurts
+        new classes is never selected over the pre-trained network.
         """
         self.guard = FiniteGuard(self.nan_policy, self.title, self.device, self.nan_hint)
         self.schedule = CheckpointSchedule(self.every_steps, self.minutes)
@@ -360,6 +364,14 @@ class TrainingLoop:
         run, guard, optimizer = self.run_dir, self.guard, self.optimizer
         per_step = steps_per_epoch
 
+        if validate_start and not self.resuming and self.epochs > 0:
+            val_acc, val_ci = validate()
+            self.best_acc = val_acc
+            if run.is_main:
+                save_best()
+            run.log(self.phase, 0, val_acc=val_acc, val_ci95=val_ci)
+            log.info("%s epoch 0 (the starting model): val %s %.2f%% ± %.2f", self.label,
+                     val_setting, val_acc, val_ci)
         while self.epoch < self.epochs:
             epoch = self.epoch
             for module in self.modules.values():
