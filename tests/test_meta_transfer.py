@@ -176,3 +176,13 @@ def test_meta_training_keeps_the_pretrained_network_unless_ss_helps(tmp_path):
             assert torch.equal(value, torch.ones_like(value)), key
         elif key.endswith("ss_shift"):
             assert torch.equal(value, torch.zeros_like(value)), key
+    # meta.select_start=false: the best trained epoch is kept, however bad
+    cfg = load_config(overrides=tiny_overrides(tmp_path / "forced") + [
+        "meta.lr_ss=5.0", "meta.epochs=1", "meta.episodes_per_epoch=2",
+        "meta.select_start=false"])
+    run = RunDir(cfg.out)
+    best = meta_train(cfg, run, CPU, pretrain(cfg, run, CPU, show=False), show=False)
+    assert [r["step"] for r in run.metrics() if r["phase"] == "meta"] == [1]
+    _, state, _ = load_model(best)
+    assert any(not torch.equal(v, torch.ones_like(v)) for k, v in state.items()
+               if k.endswith("ss_scale"))

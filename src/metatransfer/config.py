@@ -118,6 +118,9 @@ class MetaConfig:
     # L2 pull of the SS parameters toward the identity (scale 1, shift 0), added to the
     # meta-loss: keeps SS from over-fitting the base classes
     ss_decay: float = 0.0
+    # the starting network (SS = identity, theta_0 = 0: the pre-trained one, i.e. `ft`) is
+    # validated as epoch 0 and kept unless an epoch beats it; false = best trained epoch
+    select_start: bool = True
     val_episodes: int = 600  # selection episodes per epoch (eval.val_seed stream)
     grad_clip: float = 0.0  # 0 = off
 

@@ -285,4 +285,5 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
 
     # the pre-trained network (SS = identity, θ_0 = zero, i.e. `ft`) is the first candidate
     return loop.run(mc.episodes_per_epoch, train_step, validate, summary, save_best,
-                    val_setting=f"{mc.ways}-way {mc.shots}-shot", validate_start=True)
+                    val_setting=f"{mc.ways}-way {mc.shots}-shot",
+                    validate_start=mc.select_start)
