@@ -238,6 +238,8 @@ def test_torchrun_two_processes_tiny_run(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == WORLD and len(results["results"]) == 3
     assert json.loads((out / "environment.json").read_text())["world_size"] == WORLD
-    phases = [json.loads(line)["phase"] for line in (out / "metrics.jsonl").open()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    phases = [r["phase"] for r in records if "loss" in r]  # meta's epoch 0 has no loss
     assert sorted(phases) == ["meta", "pretrain"], "one record per epoch, from rank 0 only"
+    assert [r["step"] for r in records if "loss" not in r] == [0]  # the starting model
     assert proc.stdout.count("5-way 1-shot") == 1, "the table is printed once"

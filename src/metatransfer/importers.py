@@ -300,7 +300,7 @@ def convert(fmt: str, path, dataset: str | None = None,
 
         # their FC100 models too: the 5x5 VALID average pool then the (512, ways)
         # classifier need a 5x5 last map, i.e. 80-95 px inputs, so 84 stays
-        result = convert_tf(path, backbone_args, ImportReport())
+        result = _Converted(*convert_tf(path, backbone_args, ImportReport()))
         return _finish(fmt, spec, result, prep, dataset, image_size)
     path = _single_path(path, fmt)
     obj = read_torch_file(path)

@@ -162,9 +162,11 @@ def _t(array: np.ndarray) -> torch.Tensor:
 
 
 def convert_tf(path, backbone_args: dict, report):
-    """Map the release onto ``resnet12-tf`` (+ SS and theta_0 with ``ss_weights``)."""
-    from .importers import _Converted
+    """Map the release onto ``resnet12-tf`` (+ SS and theta_0 with ``ss_weights``).
 
+    Returns ``(backbone_args, backbone_state, head, report, source, settings)``, the fields
+    of :class:`metatransfer.importers._Converted` (this module does not import that one).
+    """
     files = find_files(path)
     weights = read_npy_dict(files["weights"])
     meta = "ss_weights" in files
@@ -238,4 +240,4 @@ def convert_tf(path, backbone_args: dict, report):
     model.load_state_dict(state, strict=True)  # final guard: every tensor filled, exactly
     source = str(files["weights"].parent if len({p.parent for p in files.values()}) == 1
                  else files["weights"])
-    return _Converted(backbone_args, state, head, report, source, settings)
+    return backbone_args, state, head, report, source, settings

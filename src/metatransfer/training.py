@@ -298,7 +298,7 @@ class TrainingLoop:
         # running sums are rank 0's own: on several ranks a resumed epoch's train metrics
         # cover rank 0's share before the interruption (a logging detail only)
         self._totals = state.get("totals") if self.start_step and self.run_dir.is_main else None
-        log.info("resuming %s at epoch %d, step %d (1-based, as the progress bars count)",
+        log.info("resuming %s at epoch %d, step %d (1-based)",
                  self.title, self.epoch + 1, self.start_step + 1)
 
     # ------------------------------------------------------------- running
