@@ -242,4 +242,6 @@ def test_torchrun_two_processes_tiny_run(tmp_path):
     phases = [r["phase"] for r in records if "loss" in r]  # meta's epoch 0 has no loss
     assert sorted(phases) == ["meta", "pretrain"], "one record per epoch, from rank 0 only"
     assert [r["step"] for r in records if "loss" not in r] == [0]  # the starting model
-    assert proc.stdout.count("5-way 1-shot") == 1, "the table is printed once"
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 5-way 1-shot |")]
+    assert len(rows) == 1, "the table is printed once"
+    assert proc.stdout.count("| mtl − ft |") == 1, "and the paired differences once"
