@@ -154,17 +154,20 @@ def failure_classes(pred: np.ndarray, labels: np.ndarray, ways: int) -> np.ndarr
     return per_class_accuracy(pred, labels, ways).argmin(1)
 
 
-def completion_order(batch: EpisodeBatch, pred: np.ndarray) -> list[int]:
+def completion_order(batch: EpisodeBatch, pred: np.ndarray,
+                     accuracy: np.ndarray | None = None) -> list[int]:
     """The meta-batch's classes ranked for completing a hard task, hardest first.
 
     A class ranks by how often it was confused with its task's failure class (queries of
     the failure class predicted as it, plus its queries predicted as the failure class),
     then by its own query accuracy (lowest first), then by first appearance. So a hard
     task short of failure classes is completed with the classes the base learner mixes
-    up with them, never with random (easy) ones.
+    up with them, never with random (easy) ones. ``accuracy``: the tasks' per-class
+    accuracy when the caller already has it.
     """
     labels = np.broadcast_to(batch.query_labels(), pred.shape)
-    accuracy = per_class_accuracy(pred, labels, batch.ways)
+    if accuracy is None:
+        accuracy = per_class_accuracy(pred, labels, batch.ways)
     failures = accuracy.argmin(1)
     confusion: dict[int, int] = {}
     worst: dict[int, float] = {}
@@ -176,8 +179,8 @@ def completion_order(batch: EpisodeBatch, pred: np.ndarray) -> list[int]:
                         + ((labels[t] == j) & (pred[t] == f)).sum()) if j != f else 0
             confusion[cls] = confusion.get(cls, 0) + mixed
             worst[cls] = min(worst.get(cls, 1.0), float(accuracy[t, j]))
-    order = list(confusion)  # first appearance
-    return sorted(order, key=lambda c: (-confusion[c], worst[c], order.index(c)))
+    first = {cls: i for i, cls in enumerate(confusion)}  # dicts keep first appearance
+    return sorted(first, key=lambda c: (-confusion[c], worst[c], first[c]))
 
 
 def hard_tasks(
@@ -201,9 +204,10 @@ def hard_tasks(
         return EpisodeBatch(*(np.zeros((0, n), np.int64) for n in
                               (batch.ways, batch.support.shape[1], batch.query.shape[1])))
     ways, shots, queries = batch.ways, batch.shots, batch.queries
-    failures = failure_classes(pred, np.broadcast_to(batch.query_labels(), pred.shape), ways)
+    accuracy = per_class_accuracy(pred, np.broadcast_to(batch.query_labels(), pred.shape), ways)
+    failures = accuracy.argmin(1)  # failure_classes, from the accuracy computed once
     failed = list(dict.fromkeys(int(batch.classes[t, f]) for t, f in enumerate(failures)))
-    ranked = completion_order(batch, pred)
+    ranked = completion_order(batch, pred, accuracy)
     # where each class of the meta-batch appeared first: (task, column)
     seen: dict[int, tuple[int, int]] = {}
     for t in range(batch.tasks):
