@@ -186,3 +186,21 @@ def test_meta_training_keeps_the_pretrained_network_unless_ss_helps(tmp_path):
     _, state, _ = load_model(best)
     assert any(not torch.equal(v, torch.ones_like(v)) for k, v in state.items()
                if k.endswith("ss_scale"))
+
+
+def test_a_holdout_too_small_for_the_episodes_fails_before_anything_is_written(tmp_path,
+                                                                                 capsys):
+    """12 toy train classes, 30% held out = 4 < 5 ways: `mtl run` stops in preflight."""
+    from conftest import tiny_overrides
+
+    from metatransfer.cli import main
+
+    out = tmp_path / "run"
+    args = ["run", "--quiet"]
+    for item in tiny_overrides(out) + ["data.meta_holdout=0.3"]:
+        args += ["--set", item]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code != 0
+    assert "meta-training episodes need 5 classes" in capsys.readouterr().err
+    assert not out.exists()

@@ -40,7 +40,7 @@ import torch
 
 from . import __version__, distributed
 from .config import RunConfig, save_config
-from .errors import CheckpointError
+from .errors import CheckpointError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +99,21 @@ def preflight(cfg: RunConfig) -> None:
     """Check every episode shape of a full run against the data before any training, so a
     bad ``ways``/``shots``/``queries`` fails in seconds, not after pre-training."""
     from .data import load_split
+    from .data.base import phase_classes
 
     dc, pc, mc, ec = cfg.data, cfg.pretrain, cfg.meta, cfg.eval
     val = load_split(dc, dc.val_split)
     val.require(pc.val_ways, pc.val_shots + pc.val_queries, "pre-training validation episodes")
     val.require(mc.ways, mc.shots + mc.queries, "meta-training validation episodes")
-    load_split(dc, dc.train_split).require(mc.ways, mc.shots + mc.queries,
-                                           "meta-training episodes")
+    train = load_split(dc, dc.train_split)
+    phase_classes(train, dc.meta_holdout, "pretrain")  # enough classes left to pre-train
+    meta = phase_classes(train, dc.meta_holdout, "meta")  # the classes meta-training draws
+    enough = int((train.class_sizes[meta] >= mc.shots + mc.queries).sum())
+    if enough < mc.ways:
+        raise DataError(f"{train.name}: meta-training episodes need {mc.ways} classes with "
+                        f"{mc.shots + mc.queries} images (shots + queries), but only {enough} "
+                        f"of the {len(meta)} classes meta-training draws from have that many; "
+                        "lower meta.ways, shots or queries, or raise data.meta_holdout")
     split = {"train": dc.train_split, "val": dc.val_split, "test": dc.test_split}
     test = load_split(dc, split.get(ec.split, ec.split))
     for ways in ec.ways:

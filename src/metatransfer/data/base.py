@@ -110,6 +110,19 @@ def held_out_mask(class_names: list[str], share: float) -> np.ndarray:
     return np.array([_VARIANT.sub("", n) in out for n in class_names], dtype=bool)
 
 
+def phase_classes(split: ImageSplit, share: float, phase: str) -> np.ndarray:
+    """Class ids ``phase`` (``pretrain`` or ``meta``) uses under ``data.meta_holdout``;
+    fails clearly when fewer than 2 are left (cheap: no images are touched)."""
+    if share <= 0:
+        return np.arange(split.num_classes)
+    mask = held_out_mask(split.class_names, share)
+    classes = np.flatnonzero(mask if phase == "meta" else ~mask)
+    if len(classes) < 2:
+        raise DataError(f"{split.name}: data.meta_holdout={share} leaves {len(classes)} "
+                        f"class(es) for {phase}; choose a share that leaves at least 2 to each")
+    return classes
+
+
 def class_share(split: ImageSplit, share: float, phase: str) -> ImageSplit:
     """The part of a training split a phase uses when ``data.meta_holdout`` is ``share``.
 
@@ -120,11 +133,7 @@ def class_share(split: ImageSplit, share: float, phase: str) -> ImageSplit:
     """
     if share <= 0:
         return split
-    mask = held_out_mask(split.class_names, share)
-    classes = np.flatnonzero(mask if phase == "meta" else ~mask)
-    if len(classes) < 2:
-        raise DataError(f"{split.name}: data.meta_holdout={share} leaves {len(classes)} "
-                        f"class(es) for {phase}; choose a share that leaves at least 2 to each")
+    classes = phase_classes(split, share, phase)
     keep = np.flatnonzero(np.isin(split.labels, classes))
     relabel = np.full(split.num_classes, -1, dtype=np.int64)
     relabel[classes] = np.arange(len(classes))
