@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from metatransfer.config import apply_override, load_config, to_dict
-from metatransfer.devices import resolve_device
+from metatransfer.devices import resolve_device, subnormals_flushed
 from metatransfer.evaluation import comparison_rows
 from metatransfer.phases.meta_test import (
     comparisons_table,
@@ -117,6 +117,11 @@ def episode_source(cfg, res: dict) -> tuple:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    with subnormals_flushed():  # as `mtl run` does
+        return measure(argv)
+
+
+def measure(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", required=True)
     parser.add_argument("--out", required=True)

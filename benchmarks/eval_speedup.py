@@ -33,6 +33,7 @@ from metatransfer.data import load_split
 from metatransfer.data.base import ImageSplit
 from metatransfer.data.episodes import EpisodeSampler
 from metatransfer.data.transforms import Normalizer
+from metatransfer.devices import autocast_enabled, precision, subnormals_flushed
 from metatransfer.evaluation import Embedder, evaluate, per_episode_accuracy
 from metatransfer.models import create_backbone
 from metatransfer.models.ss import enable_ss
@@ -64,6 +65,11 @@ def distinct_images(split: ImageSplit, samplers: list[EpisodeSampler], episodes:
 
 
 def main(argv: list[str] | None = None) -> None:
+    with subnormals_flushed():  # as `mtl run` does
+        return measure(argv)
+
+
+def measure(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="miniimagenet")
     p.add_argument("--root", default=str(DEFAULT_ROOT))
@@ -82,13 +88,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=0, help="embedding batch (0: auto)")
     p.add_argument("--full", action="store_true", help="embed every image for real")
     p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
+                   help="bf16 autocast of the backbone, as in runs (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if args.device == "auto" else args.device)
-    amp = device.type == "cuda"
+    amp = autocast_enabled(args.amp, device)
     batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
 
     split, load_s = clock(lambda: load_split(
@@ -97,17 +105,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     backbone = create_backbone(args.backbone, in_channels=split.channels,
                                **args.backbone_args).to(device)
-    if amp:
-        backbone = backbone.to(memory_format=torch.channels_last)
+    backbone = backbone.to(memory_format=torch.channels_last)  # as runs do (channels_last)
     enable_ss(backbone)  # the meta-trained network evaluated by `mtl`
     d = backbone.out_dim
     head = (torch.zeros(5, d, device=device), torch.zeros(5, device=device))
-    embedder = Embedder(backbone, Normalizer(split.mean, split.std, device, channels_last=amp),
+    embedder = Embedder(backbone, Normalizer(split.mean, split.std, device, channels_last=True),
                         device, amp=amp)
     samplers = [EpisodeSampler(split.indices_by_class, 5, s, args.queries, seed=1234,
                                name=split.name) for s in args.shots]
     base = {"dataset": f"{args.dataset}/{args.split}", "images": len(split),
             "backbone": args.backbone, "size": args.image_size, "device": str(device),
+            "precision": precision(amp),
             "threads": torch.get_num_threads(), "inner_steps": args.inner_steps,
             "queries": args.queries, "shots": args.shots}
     emit({**base, "measure": "load", "seconds": round(load_s, 1)})

@@ -20,7 +20,7 @@ from timing import PeakMemory, Setup, count_flops, emit, run, timed
 from torch import nn
 
 from metatransfer.data.transforms import augment_batch, augmentation, gather_uint8
-from metatransfer.phases.common import autocast
+from metatransfer.phases.common import Float32, autocast
 
 
 def pretrain(bench: Setup) -> float:
@@ -28,7 +28,7 @@ def pretrain(bench: Setup) -> float:
     args, device, split = bench.args, bench.device, bench.split
     batch = args.batch or (128 if device.type == "cuda" else (8 if bench.heavy else 64))
     backbone = bench.new_backbone()
-    head = nn.Linear(backbone.out_dim, split.num_classes).to(device)
+    head = Float32(nn.Linear(backbone.out_dim, split.num_classes).to(device))  # as the phase
     model_fwd = bench.maybe_compile(backbone)
     pc = bench.cfg.pretrain
     optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=pc.lr,

@@ -2,10 +2,12 @@
 rate, synthetic images, command-line options and the per-backbone driver.
 
 Every benchmark prints one JSON object per measurement on stdout (``emit``), starting
-with a ``machine`` record and, per ``backbone@size``, a ``matmul`` record (the dense rate
-the ``fraction_of_matmul`` figures are relative to), and ending with ``total``. The
-options are the same for every script, so one command line (``gpu.sh``'s ``EXTRA``)
-serves them all; each script uses the ones it needs.
+with a ``machine`` record and, per ``backbone@size`` and precision (``--amp``: fp32 and
+bf16 by default), a ``kernels`` record (the rates of a matmul, a 1x1 and a 3x3
+convolution in that precision; the best of them is the peak the ``fraction_of_peak``
+figures of that precision are relative to), and ending with ``total``. The options are the
+same for every script, so one command line (``gpu.sh``'s ``EXTRA``) serves them all; each
+script uses the ones it needs.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from metatransfer.config import RunConfig
 from metatransfer.data.base import ImageSplit
 from metatransfer.data.transforms import Normalizer
+from metatransfer.devices import precision, subnormals_flushed
 from metatransfer.models import create_backbone
 from metatransfer.phases.common import channels_last, use_amp
 
@@ -142,18 +145,43 @@ def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32,
     return 2 * n**3 / fastest(lambda: torch.mm(a, b), device, repeats) / 1e9
 
 
-def conv_gemm_rate(device: torch.device, size: int | None = None, repeats: int = 5) -> float:
+def conv_gemm_rate(device: torch.device, dtype: torch.dtype = torch.float32,
+                   size: int | None = None, repeats: int = 5) -> float:
     """The same dense product as :func:`matmul_rate`, run as a 1x1 convolution (GFLOP/s).
 
     Convolutions go through oneDNN on CPU, ``torch.mm`` through the BLAS; on some CPUs
     (e.g. MKL on AMD) the BLAS path is much slower, so the machine's dense rate is the
-    faster of the two.
+    fastest of the kernels measured.
     """
     n = size or (8192 if device.type == "cuda" else 2048)
     side = max(1, n // 64)
-    x = torch.randn(1, n, 64, side, device=device)
-    w = torch.randn(n, n, 1, 1, device=device)
+    x = torch.randn(1, n, 64, side, device=device, dtype=dtype)
+    w = torch.randn(n, n, 1, 1, device=device, dtype=dtype)
     return 2 * n * n * 64 * side / fastest(lambda: F.conv2d(x, w), device, repeats) / 1e9
+
+
+def conv3x3_rate(device: torch.device, dtype: torch.dtype = torch.float32,
+                 channels: int | None = None, repeats: int = 5) -> float:
+    """A 3x3 convolution (stride 1, padding 1, NHWC) of a wide ResNet stage, in GFLOP/s:
+    the kernel the backbones spend their time in, at a size that runs it near its best."""
+    c = channels or (512 if device.type == "cuda" else 256)
+    batch, side = (256, 28) if device.type == "cuda" else (32, 21)
+    x = torch.randn(batch, c, side, side, device=device, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(c, c, 3, 3, device=device, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    flops = 2 * batch * c * c * 9 * side * side
+    return flops / fastest(lambda: F.conv2d(x, w, padding=1), device, repeats) / 1e9
+
+
+def kernel_rates(device: torch.device, dtype: torch.dtype, size: int | None = None,
+                 repeats: int = 5, channels: int | None = None) -> dict[str, float]:
+    """GFLOP/s of the three reference kernels in ``dtype``; their maximum is the peak every
+    fraction of that dtype is measured against (so no fraction reads above 100% for
+    lack of a fast reference)."""
+    return {"mm": matmul_rate(device, dtype, size, repeats),
+            "conv1x1": conv_gemm_rate(device, dtype, size, repeats),
+            "conv3x3": conv3x3_rate(device, dtype, channels, repeats)}
 
 
 def synthetic_split(size: int, channels: int = 3, classes: int = 20, per_class: int = 40,
@@ -194,30 +222,32 @@ class Setup:
     """One backbone at one image size on one device: config, synthetic data, FLOPs, dense rate."""
 
     def __init__(self, args: argparse.Namespace, name: str, size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, amp: str = "auto") -> None:
         self.args, self.name, self.size, self.device = args, name, size, device
         self.cfg = RunConfig()
+        self.cfg.amp = amp
         self.cfg.model.backbone = name
         self.cfg.model.backbone_args = dict(args.backbone_args)
         self.cfg.compile = args.compile
         self.amp = use_amp(self.cfg, device)
+        self.precision = precision(self.amp)
+        self.dtype = torch.bfloat16 if self.amp else torch.float32
         self.cl = channels_last(self.cfg, device)
         channels = 3
         self.split = synthetic_split(size, channels, per_class=max(40, 16 + 15 + 5))
         self.normalizer = Normalizer(self.split.mean, self.split.std, device)
         self.base = {"backbone": name, "size": size, "device": str(device),
-                     "amp": "bf16" if self.amp else "off", "channels_last": self.cl,
+                     "precision": self.precision, "channels_last": self.cl,
                      "compile": args.compile}
         probe = self.new_backbone()
         self.fwd_flops = count_flops(lambda: self._forward(probe, 2)) / 2
         self.heavy = device.type == "cpu" and self.fwd_flops / 1e9 > HEAVY_GFLOP
-        mm = matmul_rate(device, size=args.matmul_size)
-        conv = conv_gemm_rate(device, size=args.matmul_size)
-        self.peak_gflops = max(mm, conv)
-        self.peak_bf16 = matmul_rate(device, torch.bfloat16, args.matmul_size) if self.amp else None
-        emit({**self.base, "measure": "matmul", "fp32_gflops": round(self.peak_gflops, 1),
-              "mm_gflops": round(mm, 1), "conv1x1_gflops": round(conv, 1),
-              "bf16_gflops": self.peak_bf16 and round(self.peak_bf16, 1)})
+        self.kernel_args = (args.matmul_size, 64 if args.quick else None)
+        rates = kernel_rates(device, self.dtype, self.kernel_args[0],
+                             channels=self.kernel_args[1])
+        self.peak_gflops = max(rates.values())
+        emit({**self.base, "measure": "kernels", "peak_gflops": round(self.peak_gflops, 1),
+              **{f"{k}_gflops": round(v, 1) for k, v in rates.items()}})
 
     # -- building blocks
 
@@ -237,24 +267,22 @@ class Setup:
         with torch.no_grad():
             model(torch.zeros(n, 3, self.size, self.size, device=self.device))
 
-    def peak_for(self) -> float:
-        return self.peak_bf16 or self.peak_gflops
-
     def rate(self, flops: float, seconds: float) -> dict:
-        """Achieved rate, as a fraction of the matmul rate measured right now.
+        """Achieved rate, as a fraction of the best reference kernel of the same precision
+        (:func:`kernel_rates`).
 
         On a shared CPU the available rate drifts with other processes' load, so the
-        matmul reference is re-measured after every timed section and the higher of it
-        and the first reading is used (the conservative fraction).
+        references are re-measured after every timed section and the higher of them and
+        the first reading is used (the conservative fraction).
         """
         gflops = flops / seconds / 1e9
-        peak = self.peak_for()
+        peak = self.peak_gflops
         if self.device.type == "cpu":
-            size = self.args.matmul_size
-            peak = max(peak, matmul_rate(self.device, size=size, repeats=3),
-                       conv_gemm_rate(self.device, size=size, repeats=3))
+            size, channels = self.kernel_args
+            again = kernel_rates(self.device, self.dtype, size, 3, channels)
+            peak = max(peak, *again.values())
         return {"gflop": round(flops / 1e9, 3), "achieved_gflops": round(gflops, 2),
-                "matmul_gflops": round(peak, 1), "fraction_of_matmul": round(gflops / peak, 4)}
+                "peak_gflops": round(peak, 1), "fraction_of_peak": round(gflops / peak, 4)}
 
 
 
@@ -270,6 +298,9 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     p.add_argument("--iters", type=int, default=3, help="timed iterations per measurement")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="torch.compile the backbones")
+    p.add_argument("--amp", nargs="+", default=["off", "bf16"], choices=["off", "bf16", "auto"],
+                   help="precisions to measure, each backbone in each: off = fp32, bf16 = "
+                        "bf16 autocast, auto = what runs use by default (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     p.add_argument("--batch", type=int, default=0,
                    help="pre-training batch (0: 128 on CUDA; 64, or 8 for ResNets, on CPU)")
@@ -311,10 +342,18 @@ def run(measure: Callable[[Setup], object], doc: str, argv: list[str] | None = N
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     emit({"measure": "machine", "device": str(device), **machine()})
+    with subnormals_flushed():  # as runs do
+        measure_all(measure, args, device)
+
+
+def measure_all(measure: Callable[[Setup], object], args: argparse.Namespace,
+                device: torch.device) -> None:
     total = time.perf_counter()
     for item in args.backbones:
         name, _, size = item.partition("@")
-        start = time.perf_counter()
-        measure(Setup(args, name, int(size or 84), device))
-        log.info("%s done in %.0f s", item, time.perf_counter() - start)
+        for amp in args.amp:
+            start = time.perf_counter()
+            bench = Setup(args, name, int(size or 84), device, amp)
+            measure(bench)
+            log.info("%s %s done in %.0f s", item, bench.precision, time.perf_counter() - start)
     emit({"measure": "total", "seconds": round(time.perf_counter() - total, 1)})

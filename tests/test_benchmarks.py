@@ -36,14 +36,30 @@ def test_throughput_quick(capsys):
         load(name).main(["--quick", "--device", "cpu", "--backbones", "conv4@16"])
     records = json_lines(capsys.readouterr().out)
     measures = {r["measure"] for r in records}
-    assert {"machine", "matmul", "flops", "pretrain", "data_pipeline", "meta_backbone_fwd_bwd",
+    assert {"machine", "kernels", "flops", "pretrain", "data_pipeline", "meta_backbone_fwd_bwd",
             "meta_train", "meta_batch", "embed", "meta_test", "total"} <= measures
     train = [r for r in records if r["measure"] == "meta_train"]
-    assert {(r["shots"], r["order"]) for r in train} == {(s, o) for s in (1, 5)
-                                                          for o in ("first", "second")}
-    pre = next(r for r in records if r["measure"] == "pretrain")
-    assert pre["images_per_s"] > 0 and 0 <= pre["fraction_of_matmul"] < 2
-    assert pre["train_gflop_per_image"] > 0 and pre["peak_mib"] > 0
+    assert {(r["shots"], r["order"], r["precision"]) for r in train} == {
+        (s, o, p) for s in (1, 5) for o in ("first", "second") for p in ("fp32", "bf16")}
+    for precision in ("fp32", "bf16"):
+        pre = next(r for r in records if r["measure"] == "pretrain"
+                   and r["precision"] == precision)
+        assert pre["images_per_s"] > 0 and 0 <= pre["fraction_of_peak"] < 2
+        assert pre["train_gflop_per_image"] > 0 and pre["peak_mib"] > 0
+    # every fraction is against (at least) the best kernel of its own precision measured
+    # by the same setup, i.e. the kernels record before it
+    last: dict[str, dict] = {}
+    for r in records:
+        if r["measure"] == "kernels":
+            assert r["peak_gflops"] == max(r[f"{k}_gflops"] for k in ("mm", "conv1x1",
+                                                                      "conv3x3"))
+            last[r["precision"]] = r
+        elif "fraction_of_peak" in r:
+            assert r["peak_gflops"] >= last[r["precision"]]["peak_gflops"]
+            assert r["fraction_of_peak"] == pytest.approx(
+                r["achieved_gflops"] / r["peak_gflops"], rel=0.02, abs=1e-3)
+    table = load("speed_table").table([json.dumps(r) for r in records])
+    assert "| conv4@16 | pre-train | batch 8 |" in table and "x |" in table
 
 
 def test_eval_speedup_tiny(capsys):
@@ -158,3 +174,28 @@ def test_accuracy_benchmark_explicit_pairs():
         bench.parse_pairs("mtl-protonet", methods)
     assert bench.parse_variant("lr:meta.lr_ss=2e-3,eval.shots=[1,5]") == (
         "lr", {"meta.lr_ss": "2e-3", "eval.shots": "[1,5]"})
+
+
+def fake_run(folder: Path, accuracies: list[float], eval_seed: int = 1234) -> Path:
+    folder.mkdir()
+    results = {"dataset": "toy", "split": "test", "eval_seed": eval_seed,
+               "preprocessing": {"image_size": 16},
+               "results": [{"method": "mtl", "ways": 5, "shots": 1, "queries": 3,
+                            "episodes": len(accuracies)}]}
+    (folder / "results.json").write_text(json.dumps(results))
+    (folder / "episodes.json").write_text(json.dumps({"mtl/5w1s": accuracies}))
+    return folder
+
+
+def test_compare_runs_pairs_episodes(tmp_path, capsys):
+    a = fake_run(tmp_path / "a", [0.6, 0.8, 1.0, 0.4])
+    b = fake_run(tmp_path / "b", [0.8, 0.8, 1.0, 0.8])
+    rows = load("compare_runs").main([str(a), str(b), "--names", "fp32,bf16"])
+    # differences 20, 0, 0, 40 points: mean 15, sample std 19.15, CI 1.96 * 19.15 / 2
+    assert rows[0]["diff"] == 15.0 and rows[0]["ci95"] == pytest.approx(18.77, abs=0.01)
+    assert rows[0]["fp32"] == 70.0 and rows[0]["bf16"] == 85.0
+    assert rows[0]["identical_episodes"] == 2 and not rows[0]["significant"]
+    assert "bf16 − fp32" in capsys.readouterr().err
+    other = fake_run(tmp_path / "c", [0.8, 0.8, 1.0, 0.8], eval_seed=7)
+    with pytest.raises(SystemExit, match="not scored on the same episodes: eval_seed"):
+        load("compare_runs").main([str(a), str(other)])

@@ -317,7 +317,8 @@ def test_api_matches_meta_test_with_batch_statistics(tmp_path, method) -> None:
                      mean=list(split.mean), std=list(split.std), phase="imported",
                      inner_steps=10, inner_lr=0.5)
     save_model(tmp_path / "m.safetensors", info, model)
-    clf = FewShotClassifier.from_checkpoint(tmp_path / "m.safetensors", method, "cpu")
+    clf = FewShotClassifier.from_checkpoint(tmp_path / "m.safetensors", method, "cpu",
+                                            amp="off")  # compared with an fp32 Embedder
     sampler = EpisodeSampler(split.indices_by_class, 4, 2, 3, seed=7, name=split.name)
     embedder = Embedder(model.eval(), Normalizer(split.mean, split.std, torch.device("cpu")),
                         torch.device("cpu"))

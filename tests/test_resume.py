@@ -55,8 +55,9 @@ main(sys.argv[1:])
 
 def overrides(out: Path) -> list[str]:
     """tiny_overrides, longer so kills land inside the phases, one thread, a checkpoint
-    every step (so kills fall between and during saves)."""
-    return [*tiny_overrides(out), "threads=1", "checkpoint_every_steps=1",
+    every step (so kills fall between and during saves); bf16 autocast, the default on
+    CPUs that have it (fp32 determinism: test_reproducibility.py)."""
+    return [*tiny_overrides(out), "threads=1", "checkpoint_every_steps=1", "amp=bf16",
             "pretrain.epochs=3", "meta.epochs=3", "meta.episodes_per_epoch=4",
             "eval.episodes=10", "eval.shots=[1]"]
 

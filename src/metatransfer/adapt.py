@@ -40,7 +40,7 @@ from .checkpoints import (
 from .data.base import ImageSplit
 from .data.images import IMAGE_EXTENSIONS, CorruptImageError, is_image_file, read_image
 from .data.transforms import Normalizer
-from .devices import resolve_device
+from .devices import autocast_enabled, resolve_device
 from .errors import DataError, MTLError
 from .evaluation import Embedder, uses_batch_stats
 from .learners import METHODS, episode_logits
@@ -215,12 +215,14 @@ class FewShotClassifier:
             ``protonet`` (nearest centroid).
         head: theta_0 ``(weight (N, D), bias (N,))``, needed by ``mtl``.
         inner_steps, inner_lr: base-learner settings (default: the checkpoint's).
+        amp: bf16 autocast of the backbone: ``auto`` (where the device has bf16 natively,
+            as training and meta-test do), ``bf16`` or ``off``.
     """
 
     def __init__(self, backbone: nn.Module, info: ModelInfo, method: str,
                  head: tuple[torch.Tensor, torch.Tensor] | None = None,
                  device: str | torch.device = "auto", inner_steps: int | None = None,
-                 inner_lr: float | None = None) -> None:
+                 inner_lr: float | None = None, amp: str = "auto") -> None:
         if method not in METHODS:
             raise MTLError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
         if method == "mtl" and head is None:
@@ -234,6 +236,7 @@ class FewShotClassifier:
         self.head = None if head is None else tuple(t.to(self.device) for t in head)
         self.embedder = Embedder(backbone.to(self.device).eval(),
                                  Normalizer(info.mean, info.std, self.device), self.device,
+                                 amp=autocast_enabled(amp, self.device),
                                  feature_norm=info.feature_norm)  # as meta-test, every method
         self.classes_: list[str] = []
         self._support: torch.Tensor | None = None
@@ -244,10 +247,10 @@ class FewShotClassifier:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, method: str | None = None,
                         device: str | torch.device = "auto", inner_steps: int | None = None,
-                        inner_lr: float | None = None) -> FewShotClassifier:
+                        inner_lr: float | None = None, amp: str = "auto") -> FewShotClassifier:
         """Load a run directory (meta_best, else pretrain_best) or a checkpoint file."""
         return load_classifiers(checkpoint, [method] if method else None, device,
-                                inner_steps, inner_lr)[0]
+                                inner_steps, inner_lr, amp)[0]
 
     # -- images
 
@@ -336,7 +339,7 @@ class FewShotClassifier:
 
 def load_classifiers(checkpoint: str | Path, methods: list[str] | None = None,
                      device: str | torch.device = "auto", inner_steps: int | None = None,
-                     inner_lr: float | None = None) -> list[FewShotClassifier]:
+                     inner_lr: float | None = None, amp: str = "auto") -> list[FewShotClassifier]:
     """Classifiers for ``methods`` (default: the checkpoint's default), sharing backbones."""
     from .phases.meta_test import load_models
 
@@ -352,7 +355,7 @@ def load_classifiers(checkpoint: str | Path, methods: list[str] | None = None,
     models = load_models(meta_path, pre_path, methods)
     dev = _resolve_device(device)
     return [FewShotClassifier(models[m][1], models[m][0], m, models[m][2], dev,
-                              inner_steps, inner_lr) for m in methods]
+                              inner_steps, inner_lr, amp) for m in methods]
 
 
 def domain_warning(info: ModelInfo, paths: Iterable[Path], sample: int = 8) -> str | None:
@@ -484,7 +487,7 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     clf = FewShotClassifier.from_checkpoint(args.checkpoint, args.method, args.device,
-                                            args.inner_steps, args.inner_lr)
+                                            args.inner_steps, args.inner_lr, args.amp)
     warning = domain_warning(clf.info, [p for paths in support.values() for p in paths])
     if warning:
         log.warning(warning)

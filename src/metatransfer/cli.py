@@ -6,6 +6,7 @@ User errors (:class:`MTLError`) are caught once, here, and printed as one line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -18,6 +19,8 @@ from .errors import ConfigError, MTLError
 
 log = logging.getLogger("metatransfer")
 _current_run: list[str] = []  # the run directory in use, for the interrupt message
+# process-wide settings a command changes (subnormal flushing), undone when it ends
+_command_settings = contextlib.ExitStack()
 DEFAULT_PRESET = "glyphs-conv4"  # what a command without --preset or --config runs
 
 
@@ -75,10 +78,12 @@ def start(cfg: RunConfig):
     import torch
 
     from . import distributed
+    from .devices import subnormals_flushed
     from .runs import RunDir, seed_everything
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    _command_settings.enter_context(subnormals_flushed())
     device = distributed.init_from_env(cfg.device)
     rank, world = distributed.rank(), distributed.world_size()
     if world > 1:
@@ -122,6 +127,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--inner-steps", type=int, help="base-learner steps (default: checkpoint's)")
     p.add_argument("--inner-lr", type=float, help="base-learner lr (default: checkpoint's)")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
+                   help="bf16 backbone: auto = where the device has bf16 natively "
+                        "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads; 0 = torch's default (default: %(default)s)")
 
@@ -444,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        args.func(args)
+        with _command_settings:
+            args.func(args)
     except MTLError as exc:
         print(f"error: {_rank_tag()}{exc}", file=sys.stderr)
         sys.exit(2)

@@ -158,7 +158,9 @@ class RunConfig:
     seed: int = 0  # training seed (weights, batches, tasks)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: str = ""  # run directory; empty = runs/<dataset>-<backbone>-<time>
-    amp: Literal["auto", "off", "bf16"] = "auto"  # bf16 autocast on CUDA when 'auto'
+    # bf16 autocast of the backbone: auto = where the device has bf16 natively (CUDA; CPUs
+    # with AVX512_BF16 or AMX), bf16 = always, off = fp32 everywhere
+    amp: Literal["auto", "off", "bf16"] = "auto"
     channels_last: bool = True  # NHWC activations (faster convs on CUDA and oneDNN CPUs)
     compile: bool = False  # torch.compile the backbone
     threads: int = 0  # CPU threads; 0 = torch's default

@@ -35,8 +35,10 @@ class Embedder:
     feature_norm: str = "none"
 
     def autocast(self):
-        if self.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast of the embed-once pass when ``amp`` (CUDA or a bf16-native CPU);
+        the embeddings are returned as fp32 either way."""
+        if self.amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     @torch.no_grad()

@@ -40,6 +40,7 @@ import torch
 
 from . import __version__, distributed
 from .config import RunConfig, save_config
+from .devices import autocast_enabled, native_bf16, precision
 from .errors import CheckpointError, DataError
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,9 @@ class RunDir:
             "world_size": world_size,
             "git_commit": git_commit(),
             "torch_threads": torch.get_num_threads(),
+            "amp": cfg.amp,
+            "precision": precision(autocast_enabled(cfg.amp, device)),
+            "cpu_bf16_native": native_bf16(torch.device("cpu")),
         }
         (self.path / "environment.json").write_text(json.dumps(env, indent=2))
 

@@ -39,7 +39,7 @@ def _flask():
 
 def create_app(checkpoint: str | Path, method: str | None = None, device: str = "auto",
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, inner_steps: int | None = None,
-               inner_lr: float | None = None):
+               inner_lr: float | None = None, amp: str = "auto"):
     """The Flask app for ``checkpoint``; ``method`` is the default the page starts with."""
     flask = _flask()
     from werkzeug.exceptions import RequestEntityTooLarge
@@ -56,7 +56,7 @@ def create_app(checkpoint: str | Path, method: str | None = None, device: str = 
     if not methods:
         raise MTLError(f"{checkpoint}: no usable model for mtl, ft or protonet")
     classifiers = dict(zip(methods, load_classifiers(checkpoint, methods, device, inner_steps,
-                                                     inner_lr), strict=True))
+                                                     inner_lr, amp), strict=True))
     default = method or methods[0]
     lock = threading.Lock()  # one fit+predict at a time: the classifiers hold state
     limit = int(max_upload_mb * 1024 * 1024)
@@ -179,7 +179,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     _check_port(args.host, args.port)  # werkzeug would print two lines and exit instead
     app = create_app(args.checkpoint, args.method, args.device, args.max_upload_mb,
-                     args.inner_steps, args.inner_lr)
+                     args.inner_steps, args.inner_lr, args.amp)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: anyone who can reach this address can use the page",
                     args.host)

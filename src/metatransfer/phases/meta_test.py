@@ -37,6 +37,7 @@ from ..checkpoints import (
 from ..config import RunConfig
 from ..data import load_split
 from ..data.episodes import EpisodeSampler
+from ..devices import precision
 from ..errors import ConfigError, MTLError
 from ..evaluation import (
     comparison_rows,
@@ -49,7 +50,7 @@ from ..finetune import evaluate_ft_all
 from ..learners import METHODS
 from ..preprocessing import apply_stats, for_checkpoint
 from ..runs import RunDir
-from .common import make_embedder, prepare_backbone
+from .common import make_embedder, prepare_backbone, use_amp
 
 log = logging.getLogger(__name__)
 ALL_METHODS = (*METHODS, "ft-all")
@@ -175,6 +176,7 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
         "inner_steps": ec.inner_steps,
         "inner_lr": ec.inner_lr,
         "device": str(device),
+        "precision": precision(use_amp(cfg, device)),  # of the backbone's forward passes
         "world_size": distributed.world_size(),
         "training": training_sizes(cfg),
         "eval_seconds": round(time.perf_counter() - started, 2),

@@ -29,6 +29,7 @@ from ..preprocessing import canonical_resize
 from ..runs import RunDir, seed_phase
 from ..training import Step, TrainingLoop
 from .common import (
+    Float32,
     autocast,
     make_embedder,
     make_normalizer,
@@ -105,7 +106,7 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
     distributed.own_rng_stream(cfg.seed, loop.epoch, loop.start_step)  # augmentation per rank
     # Data parallel: each rank takes every world-th image of the global batch and DDP
     # averages the gradients; BatchNorm statistics are per rank unless pretrain.sync_bn.
-    model = distributed.wrap_ddp(nn.Sequential(backbone, head), device)
+    model = distributed.wrap_ddp(nn.Sequential(backbone, Float32(head)), device)
     if world > 1:
         log.info("pre-training on %d processes: global batch %d (%d per process), lr %g",
                  world, batch_size, math.ceil(batch_size / world), pc.lr)

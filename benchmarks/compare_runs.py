@@ -1,0 +1,105 @@
+"""Paired comparison of two finished runs scored on the same episodes: did a change (bf16
+instead of fp32, another seed of training, a config key) move accuracy?
+
+Each run's meta-test wrote per-episode accuracies (``episodes.json``); when both runs drew
+the same test episodes (same dataset, split, evaluation seed and episode sizes: checked),
+the per-episode difference of each method gives a paired 95% CI several times narrower than
+either run's own CI. Prints one JSON line per method and setting, and a markdown table.
+
+    python benchmarks/compare_runs.py runs/glyphs-fp32 runs/glyphs-bf16 --names fp32,bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from metatransfer.evaluation import mean_ci95, paired_difference, setting_key
+
+# results.json keys that decide which episodes were drawn
+EPISODE_SOURCE = ("dataset", "split", "eval_seed", "data_fingerprint")
+
+
+def load_run(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """A run's (or an eval folder's) results.json and per-episode accuracies."""
+    paths = [folder / "results.json", folder / "episodes.json"]
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"{path}: not found; give a run (or eval-*) directory whose "
+                             "meta-test finished")
+    results = json.loads(paths[0].read_text())
+    episodes = {k: np.asarray(v, dtype=np.float64)
+                for k, v in json.loads(paths[1].read_text()).items()}
+    return results, episodes
+
+
+def check_same_episodes(a: dict, b: dict, names: tuple[str, str]) -> None:
+    """Refuse runs whose episodes differ: a paired difference between them means nothing."""
+    for key in EPISODE_SOURCE:
+        if a.get(key) != b.get(key):
+            raise SystemExit(f"{names[0]} and {names[1]} were not scored on the same episodes: "
+                             f"{key} {a.get(key)!r} vs {b.get(key)!r}")
+    size = [r.get("preprocessing", {}).get("image_size") for r in (a, b)]
+    if size[0] != size[1]:
+        raise SystemExit(f"image size differs ({size[0]} vs {size[1]}): not the same images")
+
+
+def compare(a: tuple[dict, dict], b: tuple[dict, dict], names: tuple[str, str]) -> list[dict]:
+    """``b - a`` per method and setting both runs have, on their common episodes."""
+    (res_a, ep_a), (res_b, ep_b) = a, b
+    check_same_episodes(res_a, res_b, names)
+    queries = {(r["method"], r["ways"], r["shots"]): r["queries"] for r in res_a["results"]}
+    rows = []
+    for r in res_b["results"]:
+        key = (r["method"], r["ways"], r["shots"])
+        if key not in queries:
+            continue
+        if queries[key] != r["queries"]:
+            raise SystemExit(f"{key}: {queries[key]} vs {r['queries']} queries per class")
+        name = setting_key(*key)
+        n = min(len(ep_a[name]), len(ep_b[name]))
+        diff, ci = paired_difference(ep_b[name][:n], ep_a[name][:n])
+        rows.append({"method": r["method"], "ways": r["ways"], "shots": r["shots"],
+                     "episodes": n, names[0]: round(mean_ci95(ep_a[name][:n])[0], 2),
+                     names[1]: round(mean_ci95(ep_b[name][:n])[0], 2),
+                     "diff": round(diff, 2), "ci95": round(ci, 2),
+                     "significant": bool(n >= 2 and abs(diff) > ci),
+                     "identical_episodes": int(np.sum(ep_a[name][:n] == ep_b[name][:n]))})
+    if not rows:
+        raise SystemExit("the runs have no method and setting in common")
+    return rows
+
+
+def table(rows: list[dict], names: tuple[str, str]) -> str:
+    lines = [f"| method | setting | {names[0]} | {names[1]} | {names[1]} − {names[0]} "
+             "(paired) | episodes scored alike |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        star = " *" if r["significant"] else ""
+        lines.append(f"| {r['method']} | {r['ways']}-way {r['shots']}-shot | {r[names[0]]:.2f} "
+                     f"| {r[names[1]]:.2f} | {r['diff']:+.2f} ± {r['ci95']:.2f}{star} | "
+                     f"{r['identical_episodes']}/{r['episodes']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_a", type=Path)
+    p.add_argument("run_b", type=Path)
+    p.add_argument("--names", default="a,b", help="labels of the two runs (default: a,b)")
+    args = p.parse_args(argv)
+    names = tuple(args.names.split(","))
+    if len(names) != 2 or len(set(names)) != 2:
+        p.error("--names takes two different labels, e.g. fp32,bf16")
+    rows = compare(load_run(args.run_a), load_run(args.run_b), names)
+    for row in rows:
+        print(json.dumps(row))
+    print(table(rows, names), file=sys.stderr)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
