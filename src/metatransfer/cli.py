@@ -150,7 +150,7 @@ def lazy(module: str, name: str):
 
 def cmd_run(args: argparse.Namespace) -> None:
     from . import distributed
-    from .phases.meta_test import comparisons_table, meta_test, results_table
+    from .phases.meta_test import meta_test
     from .phases.meta_train import meta_train
     from .phases.pretrain import pretrain
     from .runs import preflight
@@ -166,12 +166,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     meta = meta_train(cfg, run, device, pretrained, show)
     results = meta_test(cfg, run, device, meta, pretrained, show)
     results["run_seconds"] = round(time.perf_counter() - started, 1)
-    say(results_table(results))
-    if results["comparisons"]:
-        say("\npaired differences (points, 95% CI; * = CI excludes 0):\n"
-            + comparisons_table(results["comparisons"]))
-    say(f"\nresults in {run.path / 'results.md'} ({results['run_seconds']:.0f} s)")
-    run.close()
+    print_results(run, results, f" ({results['run_seconds']:.0f} s)")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -227,11 +222,7 @@ def cmd_meta_test(args: argparse.Namespace) -> None:
         args.config = str(source / "config.yaml")
     explicit = args.out or any(o.strip().startswith("out=") for o in args.overrides)
     cfg = resolve_run_config(args)
-    from .phases.meta_test import ALL_METHODS, comparisons_table, meta_test, results_table
-
-    unknown = [m for m in cfg.eval.methods if m not in ALL_METHODS]
-    if unknown:
-        raise ConfigError(f"unknown method '{unknown[0]}'; choose from {', '.join(ALL_METHODS)}")
+    from .phases.meta_test import meta_test
     if explicit:
         out = Path(cfg.out)
         for name in ("results.json", "config.yaml"):
@@ -253,13 +244,18 @@ def cmd_meta_test(args: argparse.Namespace) -> None:
             shutil.rmtree(cfg.out, ignore_errors=True)
         _current_run.clear()  # an evaluation is rerun, not resumed
         raise
-    if (run.path / "state").is_dir() and not any((run.path / "state").iterdir()):
-        (run.path / "state").rmdir()  # an evaluation has no training state
+    print_results(run, results)
+
+
+def print_results(run, results: dict, suffix: str = "") -> None:
+    """The accuracy table, the paired differences and where the results are; closes the run."""
+    from .phases.meta_test import comparisons_table, results_table
+
     say(results_table(results))
     if results["comparisons"]:
         say("\npaired differences (points, 95% CI; * = CI excludes 0):\n"
             + comparisons_table(results["comparisons"]))
-    say(f"\nresults in {run.path / 'results.md'}")
+    say(f"\nresults in {run.path / 'results.md'}{suffix}")
     run.close()
 
 

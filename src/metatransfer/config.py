@@ -124,8 +124,14 @@ class MetaConfig:
     val_episodes: int = 600  # selection episodes per epoch (eval.val_seed stream)
     grad_clip: float = 0.0  # 0 = off
 
+    @property
+    def hard_tasks_per_batch(self) -> int:
+        """k' hard tasks each meta-batch really gets (0 when ``ht`` is off)."""
+        return self.ht_tasks if self.ht != "off" else 0
+
 
 METHODS = ("mtl", "ft", "protonet")  # the episode learners (meta-test adds "ft-all")
+EVAL_METHODS = (*METHODS, "ft-all")  # what eval.methods may name
 
 
 @dataclass
@@ -445,6 +451,13 @@ def _floats(obj: Any, prefix: str = ""):
             yield f"{prefix}{f.name}", value
 
 
+def check_methods(methods) -> None:
+    """Every evaluation method named must exist (checked before any training starts)."""
+    unknown = [m for m in methods if m not in EVAL_METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method '{unknown[0]}'; choose from {', '.join(EVAL_METHODS)}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Reject values no run can use, before any work starts."""
     for name, value in _floats(cfg):
@@ -453,6 +466,7 @@ def validate(cfg: RunConfig) -> None:
     for name in ("ways", "shots", "methods"):
         if not getattr(cfg.eval, name):
             raise ConfigError(f"'eval.{name}' must not be empty")
+    check_methods(cfg.eval.methods)
     for section, names in _POSITIVE.items():
         for name in names:
             value = getattr(getattr(cfg, section), name)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -53,6 +53,13 @@ def autocast_enabled(amp: str, device: torch.device) -> bool:
     if amp not in ("auto", "bf16", "off"):
         raise ConfigError(f"amp must be auto, bf16 or off, got '{amp}'")
     return amp == "bf16" or (amp == "auto" and native_bf16(device))
+
+
+def autocast(enabled: bool, device: torch.device):
+    """Autocast around backbone forward passes only: convolutions and matmuls run in bf16,
+    while callers cast the features to fp32 before any loss, softmax or inner-loop update,
+    BN keeps fp32 running statistics and parameters (so Adam's states) stay fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
 def precision(enabled: bool) -> str:

@@ -10,7 +10,6 @@ plain one-episode-at-a-time reference the fast path is tested against.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from .data.base import ImageSplit
 from .data.episodes import EpisodeBatch, EpisodeSampler
 from .data.transforms import Normalizer, gather_uint8, to_device
+from .devices import autocast
 from .learners import episode_logits, normalize_features
 
 
@@ -37,9 +37,7 @@ class Embedder:
     def autocast(self):
         """bf16 autocast of the embed-once pass when ``amp`` (CUDA or a bf16-native CPU);
         the embeddings are returned as fp32 either way."""
-        if self.amp:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast(self.amp, self.device)
 
     @torch.no_grad()
     def embed(self, split: ImageSplit, indices: np.ndarray, batch_size: int = 256,

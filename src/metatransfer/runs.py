@@ -173,7 +173,6 @@ class RunDir:
         self._writer = None
         if is_main:
             self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / "state").mkdir(exist_ok=True)
 
     # ------------------------------------------------------------- records
     def write_config(self, cfg: RunConfig, device: torch.device, world_size: int = 1) -> None:
@@ -249,6 +248,7 @@ class RunDir:
         torch.save(state, buffer)
         payload = buffer.getvalue()
         path, prev = self.state_path(phase), self.prev_path(phase)
+        path.parent.mkdir(exist_ok=True)  # made by the first save: evaluations have none
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:

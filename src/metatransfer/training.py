@@ -380,7 +380,8 @@ class TrainingLoop:
             bar = progress(range(self.start_step, per_step), run.is_main and self.show,
                            desc=f"{self.label} {epoch + 1}/{self.epochs}", leave=False)
             for i in bar:
-                guard.protect(*self.modules.values())
+                if self.train_mode:  # in eval mode nothing updates the buffers
+                    guard.protect(*self.modules.values())
                 result = step(epoch, i)
                 optimizer.zero_grad(set_to_none=True)
                 self._backward(result.loss)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import nn
 
@@ -11,7 +9,7 @@ from ..config import RunConfig
 from ..data.base import ImageSplit
 from ..data.episodes import EpisodeSampler
 from ..data.transforms import Normalizer
-from ..devices import autocast_enabled
+from ..devices import autocast, autocast_enabled  # noqa: F401  (autocast: the phases' import)
 from ..evaluation import Embedder, evaluate_all_ranks, mean_ci95
 from ..models import create_backbone
 
@@ -21,13 +19,6 @@ def use_amp(cfg: RunConfig, device: torch.device) -> bool:
     natively (CUDA; CPUs with AVX512_BF16 or AMX), about 2x faster there. Losses, the inner
     loop, BN statistics and optimiser states stay fp32 (see :func:`autocast`)."""
     return autocast_enabled(cfg.amp, device)
-
-
-def autocast(enabled: bool, device: torch.device):
-    """Autocast around backbone forward passes only: convolutions and matmuls run in bf16,
-    while callers cast the features to fp32 before any loss, softmax or inner-loop update,
-    BN keeps fp32 running statistics and parameters (so Adam's states) stay fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
 class Float32(nn.Module):

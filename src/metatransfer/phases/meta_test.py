@@ -34,11 +34,11 @@ from ..checkpoints import (
     load_model,
     sibling_pretrained,
 )
-from ..config import RunConfig
+from ..config import EVAL_METHODS, RunConfig, check_methods
 from ..data import load_split
 from ..data.episodes import EpisodeSampler
 from ..devices import precision
-from ..errors import ConfigError, MTLError
+from ..errors import MTLError
 from ..evaluation import (
     comparison_rows,
     episode_ids,
@@ -47,13 +47,12 @@ from ..evaluation import (
     setting_key,
 )
 from ..finetune import evaluate_ft_all
-from ..learners import METHODS
 from ..preprocessing import apply_stats, for_checkpoint
 from ..runs import RunDir
 from .common import make_embedder, prepare_backbone, use_amp
 
 log = logging.getLogger(__name__)
-ALL_METHODS = (*METHODS, "ft-all")
+ALL_METHODS = EVAL_METHODS
 # what a run can answer: does meta-transfer beat each baseline, and ft beat protonet
 PAIRS = (("mtl", "ft"), ("mtl", "protonet"), ("mtl", "ft-all"), ("ft", "protonet"))
 
@@ -107,9 +106,7 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
               pretrained_path: Path | None, show: bool = True) -> dict:
     """Evaluate every method on the same seeded episodes; write results.json / results.md."""
     ec = cfg.eval
-    unknown = [m for m in ec.methods if m not in ALL_METHODS]
-    if unknown:
-        raise ConfigError(f"unknown method '{unknown[0]}'; choose from {', '.join(ALL_METHODS)}")
+    check_methods(ec.methods)  # configs built in code skip validate()
     models = load_models(meta_path, pretrained_path, ec.methods)
     # each model sees its checkpoint's preprocessing (size, resize policy, statistics,
     # feature normalisation) unless the config overrides it explicitly
@@ -151,17 +148,16 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
                     acc = distributed.gather_by_index(ids, evaluate_ft_all(
                         backbone, splits[id(backbone)], sampler, ids, device, ec.ft_all_steps,
                         ec.ft_all_lr), count)
-                    rows.append(result_row(method, ways, shots, ec.queries, acc))
-                    per_episode[setting_key(method, ways, shots)] = np.asarray(acc)
-                    continue
-                if head is not None:
-                    head = (head[0].to(device), head[1].to(device))
-                # each process runs its share of the episodes; all of them are gathered
-                acc = evaluate_all_ranks(method, embedders[id(backbone)], splits[id(backbone)],
-                                         sampler, ec.episodes, ec.inner_steps, ec.inner_lr, head,
-                                         episode_batch=ec.episode_batch,
-                                         cache=caches[id(backbone)],
-                                         progress=show and run.is_main)
+                else:
+                    if head is not None:
+                        head = (head[0].to(device), head[1].to(device))
+                    # each process runs its share of the episodes; all of them are gathered
+                    acc = evaluate_all_ranks(method, embedders[id(backbone)],
+                                             splits[id(backbone)], sampler, ec.episodes,
+                                             ec.inner_steps, ec.inner_lr, head,
+                                             episode_batch=ec.episode_batch,
+                                             cache=caches[id(backbone)],
+                                             progress=show and run.is_main)
                 rows.append(result_row(method, ways, shots, ec.queries, acc))
                 per_episode[setting_key(method, ways, shots)] = np.asarray(acc)
     settings = [(ways, shots) for ways in ec.ways for shots in ec.shots]
@@ -169,7 +165,7 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
     results = {
         "dataset": cfg.data.name,
         "split": split_name(cfg),
-        "backbone": models[ec.methods[0]][0].backbone if ec.methods else cfg.model.backbone,
+        "backbone": models[ec.methods[0]][0].backbone,  # validate() forbids no methods
         "seed": cfg.seed,
         "eval_seed": ec.seed,
         "selection_seed": ec.val_seed,  # in-training validation: a stream apart from these
@@ -207,7 +203,7 @@ def training_sizes(cfg: RunConfig) -> dict:
     depend on the number of processes: each process takes a share of every batch)."""
     pc, mc = cfg.pretrain, cfg.meta
     return {"pretrain_batch_size": pc.batch_size, "pretrain_lr": pc.lr,
-            "meta_batch": mc.meta_batch, "ht_tasks": mc.ht_tasks if mc.ht != "off" else 0,
+            "meta_batch": mc.meta_batch, "ht_tasks": mc.hard_tasks_per_batch,
             "meta_lr_ss": mc.lr_ss, "meta_lr_head": mc.lr_head}
 
 

@@ -30,7 +30,7 @@ from ..config import RunConfig
 from ..data import load_split
 from ..data.base import ImageSplit, class_share
 from ..data.episodes import EpisodeBatch, EpisodeSampler, hard_tasks
-from ..data.transforms import Normalizer, gather_uint8, to_device
+from ..data.transforms import Normalizer, gather_uint8
 from ..errors import CheckpointError, MTLError
 from ..learners import adapt, linear_logits, normalize_features
 from ..models.ss import enable_ss
@@ -94,6 +94,12 @@ def forward_chunk(cfg: RunConfig, device: torch.device) -> int:
     return 16 if device.type == "cpu" and cfg.meta.bn_mode == "eval" else 0
 
 
+def episode_labels(ways: int, per_class: int, device: torch.device) -> torch.Tensor:
+    """``(ways * per_class,)`` labels 0,0,..,1,1,.. made on the device (no host copy per
+    step); the same as ``EpisodeBatch.support_labels`` / ``query_labels``."""
+    return torch.arange(ways, device=device).repeat_interleave(per_class)
+
+
 def task_losses(
     learner: MetaLearner,
     split: ImageSplit,
@@ -121,8 +127,8 @@ def task_losses(
     feats = normalize_features(feats.float(), mc.feature_norm)
     support = feats[: tasks * n_support].view(tasks, n_support, -1)
     query = feats[tasks * n_support:].view(tasks, batch.query.shape[1], -1)
-    support_labels = to_device(batch.support_labels(), device).expand(tasks, -1)
-    query_labels = to_device(batch.query_labels(), device).expand(tasks, -1)
+    support_labels = episode_labels(batch.ways, batch.shots, device).expand(tasks, -1)
+    query_labels = episode_labels(batch.ways, batch.queries, device).expand(tasks, -1)
     weight, bias = adapt(learner.weight0, learner.bias0, support, support_labels, batch.ways,
                          mc.inner_steps, mc.inner_lr, first_order=mc.first_order)
     logits = linear_logits(weight, bias, query)
@@ -146,7 +152,7 @@ def task_share(
         return zero, zero.detach(), torch.zeros((0, batch.query.shape[1]), dtype=torch.long,
                                                 device=device)
     losses, pred = task_losses(learner, split, batch, cfg, normalizer, device)
-    labels = to_device(batch.query_labels(), device)
+    labels = episode_labels(batch.ways, batch.queries, device)
     return losses.sum(), (pred == labels).sum().float(), pred
 
 
@@ -168,8 +174,8 @@ def meta_step(
     processes (the gradients by ``all_reduce_grads``) they are the mean over all tasks.
     """
     mc = cfg.meta
-    use_ht = mc.ht != "off" and mc.ht_tasks > 0
-    total_tasks = mc.meta_batch + (mc.ht_tasks if use_ht else 0)
+    use_ht = mc.hard_tasks_per_batch > 0
+    total_tasks = mc.meta_batch + mc.hard_tasks_per_batch
     batch = sampler.batch(step * mc.meta_batch, mc.meta_batch)
     mine = distributed.shard(batch.tasks)
     loss, correct, pred = task_share(learner, split, batch[mine], cfg, normalizer, device)
@@ -246,7 +252,7 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
     if world > 1:
         log.info("meta-training on %d processes: meta-batch %d + %d hard tasks split across "
                  "them, lr_ss %g, lr_head %g", world, mc.meta_batch,
-                 mc.ht_tasks if mc.ht != "off" else 0, mc.lr_ss, mc.lr_head)
+                 mc.hard_tasks_per_batch, mc.lr_ss, mc.lr_head)
     normalizer = make_normalizer(cfg, train, device)
     embedder = make_embedder(cfg, backbone, val, device, mc.feature_norm)
     meta_info = model_info(cfg, train, backbone, "meta")
@@ -277,7 +283,7 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
         loss, acc, hard = distributed.sum_floats(totals["loss_sum"], totals["acc_sum"],
                                                  totals["hard_sum"])
         count = max(totals["count"], 1)
-        extra = {"hard_acc": 100 * hard / count} if mc.ht != "off" else {}
+        extra = {"hard_acc": 100 * hard / count} if mc.hard_tasks_per_batch else {}
         return {"loss": loss / count, "train_acc": 100 * acc / count, **extra}
 
     def save_best() -> None:
