@@ -26,14 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
 from torch import nn
 
 from .checkpoints import (
-    METADATA_KEY,
+    PRETRAIN_NAME,
     ModelInfo,
     bn_changed_reason,
-    load_model,
+    read_header,
     resolve_checkpoint,
     sibling_pretrained,
 )
@@ -42,7 +41,7 @@ from .data.images import IMAGE_EXTENSIONS, CorruptImageError, is_image_file, rea
 from .data.transforms import Normalizer
 from .devices import autocast_enabled, resolve_device
 from .errors import DataError, MTLError
-from .evaluation import Embedder, uses_batch_stats
+from .evaluation import Embedder, embed_one_call, uses_batch_stats
 from .learners import METHODS, episode_logits
 from .preprocessing import resize_pil
 
@@ -157,14 +156,8 @@ def _as_list(images) -> list:
 def _checkpoint_kind(path: Path) -> tuple[bool, bool]:
     """``(has_head, bn_changed)`` from the file header, without reading the tensors
     (``bn_changed``: its BN is no longer the pre-trained network's)."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            keys, meta = list(fh.keys()), fh.metadata() or {}
-        extra = json.loads(meta[METADATA_KEY]).get("extra", {})
-    except Exception:
-        load_model(path)  # raises the clear truncated / not-ours / version error
-        raise
-    return any(k.startswith("head.") for k in keys), bn_changed_reason(extra) is not None
+    keys, info = read_header(path)  # clear truncated / not-ours / version errors
+    return any(k.startswith("head.") for k in keys), bn_changed_reason(info.extra) is not None
 
 
 def checkpoint_paths(checkpoint: str | Path) -> tuple[Path | None, Path | None]:
@@ -175,7 +168,7 @@ def checkpoint_paths(checkpoint: str | Path) -> tuple[Path | None, Path | None]:
     """
     path = Path(checkpoint)
     if path.is_dir():
-        meta, pre = path / "meta_best.safetensors", path / "pretrain_best.safetensors"
+        meta, pre = path / "meta_best.safetensors", path / PRETRAIN_NAME
         meta_path = meta if meta.is_file() else None
         pre_path = pre if pre.is_file() else None
         if meta_path is None and pre_path is None:
@@ -238,6 +231,8 @@ class FewShotClassifier:
                                  Normalizer(info.mean, info.std, self.device), self.device,
                                  amp=autocast_enabled(amp, self.device),
                                  feature_norm=info.feature_norm)  # as meta-test, every method
+        # batch-statistics BN (the authors' TensorFlow model): one call, one BN batch
+        self._one_call = uses_batch_stats(self.embedder.backbone)
         self.classes_: list[str] = []
         self._support: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
@@ -264,7 +259,7 @@ class FewShotClassifier:
         items = _as_list(images)
         if not items:
             return np.zeros((0, size, size, channels), np.uint8)
-        resize = getattr(self.info, "resize", "direct") or "direct"
+        resize = self.info.resize or "direct"
         return np.stack([load_image(im, size, channels, f"{what} {i + 1}", resize)
                          for i, im in enumerate(items)])
 
@@ -272,10 +267,10 @@ class FewShotClassifier:
         """``(n, D)`` embeddings of preprocessed uint8 images, through meta-test's embedder."""
         split = ImageSplit(images, np.zeros(len(images), np.int64), ["_"], "adapt",
                            tuple(self.info.mean), tuple(self.info.std))
-        # batch-statistics BN (the authors' TensorFlow model): one call, one BN batch
-        one_call = uses_batch_stats(self.embedder.backbone)
-        return self.embedder.embed(split, np.arange(len(images)),
-                                   batch_size=max(len(images), 1) if one_call else 256)
+        indices = np.arange(len(images))
+        if self._one_call:
+            return embed_one_call(self.embedder, split, indices)
+        return self.embedder.embed(split, indices)
 
     # -- fit / predict
 

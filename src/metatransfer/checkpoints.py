@@ -25,6 +25,7 @@ from .errors import CheckpointError
 
 FORMAT_VERSION = 1
 METADATA_KEY = "metatransfer"
+PRETRAIN_NAME = "pretrain_best.safetensors"  # a run directory's pre-trained model
 
 
 @dataclass
@@ -90,7 +91,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint file or a run directory (its best meta, else pre-train model)."""
     path = Path(path)
     if path.is_dir():
-        for name in ("meta_best.safetensors", "pretrain_best.safetensors", "model.safetensors"):
+        for name in ("meta_best.safetensors", PRETRAIN_NAME, "model.safetensors"):
             if (path / name).is_file():
                 return path / name
         raise CheckpointError(f"{path} holds no model checkpoint (*.safetensors); train first")
@@ -105,7 +106,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def check_checkpoint(path: str | Path) -> Path:
     """Resolve ``path`` and validate its metadata without loading the tensors (cheap)."""
     path = resolve_checkpoint(path)
-    read_info(path)
+    _read_header(path)
     return path
 
 
@@ -142,16 +143,25 @@ def _parse_info(path: Path, meta: dict) -> ModelInfo:
     return ModelInfo(**{k: v for k, v in raw.items() if k in known})
 
 
-def read_info(path: str | Path) -> ModelInfo:
-    """A checkpoint's metadata only (the file header; no tensors are read)."""
-    path = resolve_checkpoint(path)
+def read_header(path: str | Path) -> tuple[list[str], ModelInfo]:
+    """A checkpoint's tensor keys and validated metadata, from the file header only."""
+    return _read_header(resolve_checkpoint(path))
+
+
+def _read_header(path: Path) -> tuple[list[str], ModelInfo]:
+    """:func:`read_header` of an already resolved checkpoint file."""
     try:
         with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
+            keys, meta = list(fh.keys()), fh.metadata() or {}
     except Exception:
         load_model(path)  # raises the clear truncated / corrupt message
         raise
-    return _parse_info(path, meta)
+    return keys, _parse_info(path, meta)
+
+
+def read_info(path: str | Path) -> ModelInfo:
+    """A checkpoint's metadata only (the file header; no tensors are read)."""
+    return read_header(path)[1]
 
 
 def build_backbone(info: ModelInfo, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -169,9 +179,6 @@ def build_backbone(info: ModelInfo, state: dict[str, torch.Tensor]) -> nn.Module
             f"{first}); was it written by another version?"
         )
     return model
-
-
-PRETRAIN_NAME = "pretrain_best.safetensors"
 
 
 def bn_changed_reason(extra: dict) -> str | None:

@@ -198,15 +198,15 @@ def cmd_meta_train(args: argparse.Namespace) -> None:
 
 def cmd_meta_test(args: argparse.Namespace) -> None:
     """Evaluate into a new directory: the evaluated run's files are never rewritten."""
-    from .checkpoints import check_checkpoint
+    from .checkpoints import PRETRAIN_NAME, check_checkpoint
 
     source = Path(args.checkpoint)
     meta_path = pretrained_path = None
     if source.is_dir():  # a run directory: its best meta and pre-trained models
         if (source / "meta_best.safetensors").is_file():
             meta_path = check_checkpoint(source / "meta_best.safetensors")
-        if (source / "pretrain_best.safetensors").is_file():
-            pretrained_path = check_checkpoint(source / "pretrain_best.safetensors")
+        if (source / PRETRAIN_NAME).is_file():
+            pretrained_path = check_checkpoint(source / PRETRAIN_NAME)
         if meta_path is None and pretrained_path is None:
             meta_path = check_checkpoint(source)  # a lone model.safetensors, or the error
     else:

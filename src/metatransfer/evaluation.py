@@ -145,8 +145,10 @@ def evaluate(
         # in one call and its query set in another, as their meta-test does; no cache
         def chunk_feats(start: int) -> tuple[torch.Tensor, torch.Tensor]:
             tasks = range(start, min(start + episode_batch, batch.tasks))
-            return (torch.stack([_one_call(embedder, split, batch.support[t]) for t in tasks]),
-                    torch.stack([_one_call(embedder, split, batch.query[t]) for t in tasks]))
+            return (torch.stack([embed_one_call(embedder, split, batch.support[t])
+                                 for t in tasks]),
+                    torch.stack([embed_one_call(embedder, split, batch.query[t])
+                                 for t in tasks]))
     else:
         feats, row_of = _embed_needed(embedder, split, batch, cache, progress)
         # feature rows of every episode, moved to the device in one transfer (no per-chunk
@@ -199,7 +201,7 @@ def uses_batch_stats(backbone: nn.Module) -> bool:
                for m in backbone.modules())
 
 
-def _one_call(embedder: Embedder, split: ImageSplit, indices: np.ndarray) -> torch.Tensor:
+def embed_one_call(embedder: Embedder, split: ImageSplit, indices: np.ndarray) -> torch.Tensor:
     """Embed ``indices`` in a single backbone call (their batch is the BN batch)."""
     return embedder.embed(split, np.asarray(indices), batch_size=max(len(indices), 1))
 

@@ -300,7 +300,10 @@ def convert(fmt: str, path, dataset: str | None = None,
 
         # their FC100 models too: the 5x5 VALID average pool then the (512, ways)
         # classifier need a 5x5 last map, i.e. 80-95 px inputs, so 84 stays
-        result = _Converted(*convert_tf(path, backbone_args, ImportReport()))
+        report = ImportReport()
+        state, head, source, settings = convert_tf(path, backbone_args, report)
+        result = _Converted(backbone_args=backbone_args, backbone=state, head=head,
+                            report=report, source=source, settings=settings)
         return _finish(fmt, spec, result, prep, dataset, image_size)
     path = _single_path(path, fmt)
     obj = read_torch_file(path)
@@ -382,7 +385,8 @@ def convert(fmt: str, path, dataset: str | None = None,
 
     # final guard: the mapped state loads into the model exactly
     model.load_state_dict(backbone_state, strict=True)
-    result = _Converted(backbone_args, backbone_state, head, report, str(path), {})
+    result = _Converted(backbone_args=backbone_args, backbone=backbone_state, head=head,
+                        report=report, source=str(path), settings={})
     return _finish(fmt, spec, result, prep, dataset, image_size)
 
 

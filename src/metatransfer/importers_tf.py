@@ -164,8 +164,9 @@ def _t(array: np.ndarray) -> torch.Tensor:
 def convert_tf(path, backbone_args: dict, report):
     """Map the release onto ``resnet12-tf`` (+ SS and theta_0 with ``ss_weights``).
 
-    Returns ``(backbone_args, backbone_state, head, report, source, settings)``, the fields
-    of :class:`metatransfer.importers._Converted` (this module does not import that one).
+    Fills ``report`` and returns ``(backbone_state, head, source, settings)``: what
+    :class:`metatransfer.importers._Converted` needs besides the caller's own arguments
+    (this module does not import that one).
     """
     files = find_files(path)
     weights = read_npy_dict(files["weights"])
@@ -240,4 +241,4 @@ def convert_tf(path, backbone_args: dict, report):
     model.load_state_dict(state, strict=True)  # final guard: every tensor filled, exactly
     source = str(files["weights"].parent if len({p.parent for p in files.values()}) == 1
                  else files["weights"])
-    return backbone_args, state, head, report, source, settings
+    return state, head, source, settings

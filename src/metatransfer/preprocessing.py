@@ -51,6 +51,12 @@ def canonical_resize(policy: str) -> str:
     return f"crop:{n}" if n else DIRECT
 
 
+def cache_key_policy(policy: str) -> dict[str, str]:
+    """The cache-key entries of a canonical resize policy: none for ``direct``, so that
+    direct caches keep the keys they had before resize policies existed."""
+    return {} if policy == DIRECT else {"resize": policy}
+
+
 def check_policy(policy: str, size: int) -> None:
     """A crop policy must resize to at least the crop size."""
     n = parse_resize(policy)
@@ -111,7 +117,7 @@ def bn_mode_of(info) -> str:
 def from_info(info) -> Preprocessing:
     """The preprocessing stored in a checkpoint's metadata."""
     return Preprocessing(image_size=int(info.image_size),
-                         resize=canonical_resize(getattr(info, "resize", DIRECT) or DIRECT),
+                         resize=canonical_resize(info.resize or DIRECT),
                          mean=list(info.mean), std=list(info.std),
                          feature_norm=info.feature_norm, bn=bn_mode_of(info))
 
@@ -130,22 +136,19 @@ def for_checkpoint(data, info, what: str = "") -> tuple[object, Preprocessing]:
                     what, data.image_size, prep.image_size)
         prep.image_size = int(data.image_size)
         prep.overridden.append("image_size")
-    wanted = getattr(data, "resize", "")
+    wanted = data.resize
     if wanted and canonical_resize(wanted) != prep.resize:
         log.warning("%sresize policy %s overrides the checkpoint's %s (data.resize)",
                     what, canonical_resize(wanted), prep.resize)
         prep.resize = canonical_resize(wanted)
         prep.overridden.append("resize")
-    stats = getattr(data, "stats", "")
+    stats = data.stats
     if stats not in ("", "checkpoint", "dataset"):
         raise ConfigError(f"data.stats must be 'checkpoint' or 'dataset', got '{stats}'")
     if stats == "dataset":
         prep.overridden.append("stats")
     check_policy(prep.resize, prep.image_size)
-    changes = {"image_size": prep.image_size}
-    if hasattr(data, "resize"):
-        changes["resize"] = prep.resize
-    return dataclasses.replace(data, **changes), prep
+    return dataclasses.replace(data, image_size=prep.image_size, resize=prep.resize), prep
 
 
 def apply_stats(split, prep: Preprocessing, what: str = ""):

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import DataError
-from ..preprocessing import canonical_resize, resize_array
+from ..preprocessing import cache_key_policy, canonical_resize, resize_array
 from .base import ImageSplit
 from .cache import cache_key, cache_root, cached_shape, cached_uint8, files_fingerprint
 from .images import FORMAT_VERSION, packaged_split, require_root
@@ -159,10 +159,9 @@ def load_cifar(cfg: DataConfig, split: str, dataset: str) -> ImageSplit:
                             f"{FIX}")
     size = cfg.image_size or DEFAULT_SIZE
     resize = canonical_resize(cfg.resize)
-    policy = {} if resize == "direct" else {"resize": resize}  # direct: old cache keys
     lists = hashlib.sha256(json.dumps(_split_list(dataset, split)).encode()).hexdigest()[:16]
     key = cache_key(dataset=dataset, split=split, files=files_fingerprint(sources), lists=lists,
-                    size=size, version=FORMAT_VERSION, **policy)
+                    size=size, version=FORMAT_VERSION, **cache_key_policy(resize))
     directory = cache_root(cfg.cache_dir) / dataset
     shape = cached_shape(directory, key)
 

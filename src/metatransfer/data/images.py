@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ..config import DATA_ENV, DATA_PLACEHOLDER, data_search_path
 from ..errors import DataError
-from ..preprocessing import canonical_resize, parse_resize, resize_pil
+from ..preprocessing import cache_key_policy, canonical_resize, parse_resize, resize_pil
 from .base import ImageSplit
 from .cache import cache_key, cache_root, cached_uint8, files_fingerprint
 
@@ -184,14 +184,13 @@ def load_image_files(
         raise DataError(f"{name}: no images found under {source}; check data.root")
     fp = fingerprint(paths, missing or (lambda p: f"{p} does not exist; restore it"))
     resize = canonical_resize(resize)
-    policy = {} if resize == "direct" else {"resize": resize}  # direct: the keys of old caches
     key = cache_key(
         dataset=dataset, split=split, files=fp, version=FORMAT_VERSION, size=size,
         channels=channels, invert=invert, variants=variants, variant_names=list(variant_names),
         labels=hashlib.sha256(labels.tobytes()).hexdigest()[:16],
         classes=hashlib.sha256("\n".join(class_names).encode(errors="surrogateescape"))
         .hexdigest()[:16],
-        **policy,
+        **cache_key_policy(resize),
     )
     shape = (len(paths) * variants, size, size, channels)
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
-from ..checkpoints import ModelInfo, save_model
+from ..checkpoints import PRETRAIN_NAME, ModelInfo, save_model
 from ..config import RunConfig
 from ..data import load_split
 from ..data.base import class_share
@@ -39,7 +39,7 @@ from .common import (
 )
 
 log = logging.getLogger(__name__)
-BEST = "pretrain_best.safetensors"
+BEST = PRETRAIN_NAME  # where the best pre-trained model is saved
 
 
 def lr_factor(cfg: RunConfig, epoch_progress: float) -> float:
