@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metatransfer.evaluation import mean_ci95, paired_difference, setting_key
+from metatransfer.evaluation import mean_ci95, paired_row, setting_key
 
 # results.json keys that decide which episodes were drawn
 EPISODE_SOURCE = ("dataset", "split", "eval_seed", "data_fingerprint")
@@ -61,13 +61,13 @@ def compare(a: tuple[dict, dict], b: tuple[dict, dict], names: tuple[str, str]) 
         if queries[key] != r["queries"]:
             raise SystemExit(f"{key}: {queries[key]} vs {r['queries']} queries per class")
         name = setting_key(*key)
-        n = min(len(ep_a[name]), len(ep_b[name]))
-        diff, ci = paired_difference(ep_b[name][:n], ep_a[name][:n])
+        paired = paired_row(ep_b[name], ep_a[name])  # b - a
+        n = paired["episodes"]
         rows.append({"method": r["method"], "ways": r["ways"], "shots": r["shots"],
                      "episodes": n, names[0]: round(mean_ci95(ep_a[name][:n])[0], 2),
                      names[1]: round(mean_ci95(ep_b[name][:n])[0], 2),
-                     "diff": round(diff, 2), "ci95": round(ci, 2),
-                     "significant": bool(n >= 2 and abs(diff) > ci),
+                     "diff": paired["diff"], "ci95": paired["ci95"],
+                     "significant": paired["significant"],
                      "identical_episodes": int(np.sum(ep_a[name][:n] == ep_b[name][:n]))})
     if not rows:
         raise SystemExit("the runs have no method and setting in common")

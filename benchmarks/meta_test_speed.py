@@ -18,7 +18,6 @@ import torch
 from timing import Setup, emit, run, timed
 
 from metatransfer.data.episodes import EpisodeSampler
-from metatransfer.data.transforms import Normalizer
 from metatransfer.evaluation import Embedder, evaluate, per_episode_accuracy
 from metatransfer.phases.meta_train import MetaLearner
 
@@ -29,8 +28,7 @@ def meta_test(bench: Setup) -> None:
     backbone = bench.new_backbone()
     learner = MetaLearner(backbone, 5, "kernel", "all", False).to(device)
     head = (learner.weight0.detach(), learner.bias0.detach())
-    normalizer = Normalizer(bench.split.mean, bench.split.std, device, channels_last=bench.cl)
-    embedder = Embedder(bench.maybe_compile(learner.backbone), normalizer, device,
+    embedder = Embedder(bench.maybe_compile(learner.backbone), bench.normalizer, device,
                         amp=bench.amp)
     embed_batch = 16 if bench.heavy else 256
     idx = np.arange(min(embed_batch, len(bench.split)))
@@ -41,25 +39,24 @@ def meta_test(bench: Setup) -> None:
     emit({**bench.base, "measure": "embed", "batch": len(idx),
           "images_per_s": round(embed_ips, 2),
           **bench.rate(bench.fwd_flops * len(idx), embed_s)})
-    d = backbone.out_dim
+    cache = random_cache(len(bench.split), backbone.out_dim, device)
     for shots in (1, 5):
         sampler = EpisodeSampler(bench.split.indices_by_class, 5, shots, args.queries, 7)
         images = 5 * (shots + args.queries)
         if bench.heavy and not args.full:  # one episode's forward costs minutes here
             adapt_s, _ = timed(lambda _, s=sampler: evaluate(
                 "mtl", embedder, bench.split, s, 1, args.inner_steps, 0.01, head,
-                cache=random_cache(len(bench.split), d, device)), 2, 1, device)
+                cache=cache), 2, 1, device)
             per_s, measured = images / embed_ips + adapt_s, False
         else:
             per_s, _ = timed(lambda i, s=sampler: per_episode_accuracy(
                 "mtl", embedder, bench.split, s, i, args.inner_steps, 0.01, head),
                 args.iters, 1, device)
             measured = True
-        cache = random_cache(len(bench.split), d, device)
         n_eps = args.eval_episodes
-        cached_s, _ = timed(lambda _, s=sampler, c=cache: evaluate(
+        cached_s, _ = timed(lambda _, s=sampler: evaluate(
             "mtl", embedder, bench.split, s, args.eval_episodes, args.inner_steps, 0.01, head,
-            cache=c), 1, 1, device)
+            cache=cache), 1, 1, device)
         emit({**bench.base, "measure": "meta_test", "shots": shots, "queries": args.queries,
               "inner_steps": args.inner_steps,
               "per_episode_episodes_per_s": round(1 / per_s, 3),

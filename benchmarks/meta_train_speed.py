@@ -50,7 +50,7 @@ def meta_setup(bench: Setup, shots: int, first_order: bool, meta_batch: int):
         loss.backward()
         optimizer.step()
 
-    return cfg, learner, sampler, step
+    return learner, sampler, step
 
 
 def ss_flops_per_image(bench: Setup) -> float:
@@ -61,7 +61,7 @@ def ss_flops_per_image(bench: Setup) -> float:
 
 
 def inner_flops(bench: Setup, shots: int, first_order: bool, tasks: int = 1) -> float:
-    d, ways, q = bench.new_backbone().out_dim, 5, bench.args.queries
+    d, ways, q = bench.out_dim, 5, bench.args.queries
     feats = torch.randn(tasks, ways * (shots + q), d, requires_grad=True)
     w0 = torch.zeros(ways, d, requires_grad=True)
     b0 = torch.zeros(ways, requires_grad=True)
@@ -87,25 +87,23 @@ def meta_train(bench: Setup) -> None:
     for shots in shots_list:
         images = 5 * (shots + args.queries)
         # reference: one SS-backbone forward+backward of the episode's images
-        _, learner, sampler, _ = meta_setup(bench, shots, False, 1)
+        learner, sampler, _ = meta_setup(bench, shots, False, 1)
         batch = sampler.episode(0)
         idx = np.concatenate([batch.support.ravel(), batch.query.ravel()])
         pixels = bench.normalizer(gather_uint8(bench.split, idx, device))
-        if bench.cl:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
 
         def ref(_: int, learner=learner, pixels=pixels) -> None:
             with autocast(bench.amp, device):
                 feats = learner.backbone(pixels)
             feats.float().sum().backward()
 
-        ref_s, _ = timed(ref, iters, max(warmup, 0), device)
+        ref_s, _ = timed(ref, iters, warmup, device)
         emit({**bench.base, "measure": "meta_backbone_fwd_bwd", "shots": shots,
               "images": images, "step_s": round(ref_s, 4),
               **bench.rate(ss_flops * images, ref_s)})
         del learner
         for first_order in orders:
-            _, learner, _, step = meta_setup(bench, shots, first_order, 1)
+            learner, _, step = meta_setup(bench, shots, first_order, 1)
             inner = inner_flops(bench, shots, first_order)
             with PeakMemory(device) as mem:
                 seconds, syncs = timed(step, iters, warmup, device,
@@ -125,8 +123,8 @@ def meta_train(bench: Setup) -> None:
 def meta_batch(bench: Setup, k: int) -> None:
     """k tasks through one backbone pass and one batched inner loop, vs k separate."""
     args, device = bench.args, bench.device
-    _, _, _, together = meta_setup(bench, 1, False, k)
-    _, _, _, single = meta_setup(bench, 1, False, 1)
+    _, _, together = meta_setup(bench, 1, False, k)
+    _, _, single = meta_setup(bench, 1, False, 1)
     t_k, t_1 = float("inf"), float("inf")
     for i in range(max(args.iters, 2)):  # interleaved, so load drift hits both alike
         t_k = min(t_k, timed(lambda _, i=i: together(i), 1, args.warmup if i == 0 else 0,

@@ -1,6 +1,6 @@
 """Pre-training speed, per backbone: images/s of the ``phases.pretrain`` step (augment,
 forward, cross-entropy, backward, SGD) on synthetic images, with its FLOP rate as a
-fraction of the dense matmul rate, peak memory and (CUDA) host syncs per step; then the
+fraction of the peak kernel rate, peak memory and (CUDA) host syncs per step; then the
 data pipeline alone (uint8 gather + augmentation + normalisation) against that rate.
 
     python benchmarks/pretrain_speed.py                       # CPU default
@@ -46,8 +46,6 @@ def pretrain(bench: Setup) -> float:
         labels = torch.as_tensor(split.labels[indices], device=device)
         images = augment_batch(gather_uint8(split, indices, device), transform)
         images = bench.normalizer(images)
-        if bench.cl:
-            images = images.contiguous(memory_format=torch.channels_last)
         with autocast(bench.amp, device):
             logits = head(model_fwd(images))
         loss = F.cross_entropy(logits.float(), labels)
@@ -86,10 +84,7 @@ def data(bench: Setup, train_ips: float) -> None:
 
     def step(_: int) -> None:
         indices = rng.choice(len(split), batch, replace=False)
-        images = bench.normalizer(augment_batch(gather_uint8(split, indices, device),
-                                               transform))
-        if bench.cl:
-            images.contiguous(memory_format=torch.channels_last)
+        bench.normalizer(augment_batch(gather_uint8(split, indices, device), transform))
 
     seconds, _ = timed(step, max(bench.args.iters, 3), 1, device)
     ips = batch / seconds

@@ -13,6 +13,7 @@ script uses the ones it needs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -31,10 +32,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from metatransfer.config import RunConfig
 from metatransfer.data.base import ImageSplit
-from metatransfer.data.transforms import Normalizer
 from metatransfer.devices import precision, subnormals_flushed
 from metatransfer.models import create_backbone
-from metatransfer.phases.common import channels_last, use_amp
+from metatransfer.phases.common import channels_last, make_normalizer, use_amp
 
 log = logging.getLogger("benchmarks")
 DEFAULT_BACKBONES = ["conv4@28", "conv4@84", "resnet12@84", "resnet25@80"]
@@ -84,22 +84,20 @@ class PeakMemory:
     """Peak memory (MiB) inside a ``with`` block: CUDA allocator peak, or peak RSS on CPU.
 
     On Linux the RSS high-water mark is reset through ``/proc/self/clear_refs``; where
-    that is impossible the process-wide peak is reported (``reset`` false).
+    that is impossible the process-wide peak is reported.
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.reset, self.mib = device, False, float("nan")
+        self.device, self.mib = device, float("nan")
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.reset = True
         else:
             try:
                 Path("/proc/self/clear_refs").write_text("5")
-                self.reset = True
             except OSError:
-                self.reset = False
+                pass
         return self
 
     def __exit__(self, *exc) -> None:
@@ -184,6 +182,14 @@ def kernel_rates(device: torch.device, dtype: torch.dtype, size: int | None = No
             "conv3x3": conv3x3_rate(device, dtype, channels, repeats)}
 
 
+@functools.cache
+def first_kernel_rates(device: torch.device, dtype: torch.dtype, size: int | None,
+                       channels: int | None) -> dict[str, float]:
+    """The first :func:`kernel_rates` reading of a device, dtype and size, measured once
+    per process and shared by every :class:`Setup` (backbone) of that precision."""
+    return kernel_rates(device, dtype, size, channels=channels)
+
+
 def synthetic_split(size: int, channels: int = 3, classes: int = 20, per_class: int = 40,
                     seed: int = 0) -> ImageSplit:
     rng = np.random.default_rng(seed)
@@ -233,18 +239,17 @@ class Setup:
         self.precision = precision(self.amp)
         self.dtype = torch.bfloat16 if self.amp else torch.float32
         self.cl = channels_last(self.cfg, device)
-        channels = 3
-        self.split = synthetic_split(size, channels, per_class=max(40, 16 + 15 + 5))
-        self.normalizer = Normalizer(self.split.mean, self.split.std, device)
+        self.split = synthetic_split(size)
+        self.normalizer = make_normalizer(self.cfg, self.split, device)
         self.base = {"backbone": name, "size": size, "device": str(device),
                      "precision": self.precision, "channels_last": self.cl,
                      "compile": args.compile}
         probe = self.new_backbone()
+        self.out_dim = probe.out_dim
         self.fwd_flops = count_flops(lambda: self._forward(probe, 2)) / 2
         self.heavy = device.type == "cpu" and self.fwd_flops / 1e9 > HEAVY_GFLOP
         self.kernel_args = (args.matmul_size, 64 if args.quick else None)
-        rates = kernel_rates(device, self.dtype, self.kernel_args[0],
-                             channels=self.kernel_args[1])
+        rates = dict(first_kernel_rates(device, self.dtype, *self.kernel_args))
         self.peak_gflops = max(rates.values())
         emit({**self.base, "measure": "kernels", "peak_gflops": round(self.peak_gflops, 1),
               **{f"{k}_gflops": round(v, 1) for k, v in rates.items()}})

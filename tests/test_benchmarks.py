@@ -96,16 +96,10 @@ def test_gpu_script_cpu_fallback(tmp_path):
 
 
 def test_accuracy_benchmark_and_report(tmp_path, capsys):
-    from conftest import tiny_overrides
-
     out = tmp_path / "bench"
-    args = ["--preset", "glyphs-conv4", "--out", str(out), "--variants", "mtl+ht,mtl-last",
-            "--baselines", "protonet,ft,ft-all", "--set", "eval.ft_all_episodes=3",
-            "--set", "eval.ft_all_steps=2", "--set", "eval.shots=[1]"]
-    for item in tiny_overrides(out / "unused"):
-        if not item.startswith(("out=", "eval.shots")):
-            args += ["--set", item]
-    load("accuracy").main(args)
+    load("accuracy").main(tiny_bench_args(out) + [
+        "--variants", "mtl+ht,mtl-last", "--baselines", "protonet,ft,ft-all",
+        "--set", "eval.ft_all_episodes=3", "--set", "eval.ft_all_steps=2"])
     results = json.loads((out / "results.json").read_text())
     methods = [r["method"] for r in results["results"]]
     assert methods == ["protonet", "ft", "ft-all", "mtl+ht", "mtl-last"]

@@ -86,6 +86,17 @@ def setting_key(method: str, ways: int, shots: int) -> str:
     return f"{method}/{ways}w{shots}s"
 
 
+def paired_row(acc_a: np.ndarray, acc_b: np.ndarray) -> dict:
+    """``acc_a - acc_b`` on their common prefix of episodes, as a comparison row's fields:
+    ``episodes`` (the prefix length), ``diff`` and ``ci95`` (:func:`paired_difference`,
+    rounded to 2 decimals) and ``significant`` (at least 2 episodes and ``|diff| > ci95``).
+    """
+    n = min(len(acc_a), len(acc_b))
+    diff, ci = paired_difference(acc_a[:n], acc_b[:n])
+    return {"episodes": n, "diff": round(diff, 2), "ci95": round(ci, 2),
+            "significant": bool(n >= 2 and abs(diff) > ci)}
+
+
 def comparison_rows(per_episode: dict[str, np.ndarray], pairs: list[tuple[str, str]],
                     settings: list[tuple[int, int]]) -> list[dict]:
     """Paired differences ``a - b`` for every pair and (ways, shots) both methods have.
@@ -101,11 +112,8 @@ def comparison_rows(per_episode: dict[str, np.ndarray], pairs: list[tuple[str, s
             acc_b = per_episode.get(setting_key(b, ways, shots))
             if acc_a is None or acc_b is None:
                 continue
-            n = min(len(acc_a), len(acc_b))
-            diff, ci = paired_difference(acc_a[:n], acc_b[:n])
-            rows.append({"a": a, "b": b, "ways": ways, "shots": shots, "episodes": n,
-                         "diff": round(diff, 2), "ci95": round(ci, 2),
-                         "significant": bool(n >= 2 and abs(diff) > ci)})
+            rows.append({"a": a, "b": b, "ways": ways, "shots": shots,
+                         **paired_row(acc_a, acc_b)})
     return rows
 
 
