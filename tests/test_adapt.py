@@ -21,6 +21,7 @@ from metatransfer.data.transforms import Normalizer
 from metatransfer.errors import DataError, MTLError
 from metatransfer.evaluation import Embedder, evaluate, per_episode_accuracy
 from metatransfer.phases.meta_test import load_models
+from metatransfer.preprocessing import Decoding
 
 CPU = torch.device("cpu")
 
@@ -207,33 +208,45 @@ def test_checkpoint_round_trip_is_bit_exact(run_dir, toy_test, tmp_path):
 # ----------------------------------------------------------------------- preprocessing
 
 
-def test_in_memory_images_match_the_file_decoder(tmp_path):
+@pytest.mark.parametrize("invert", [False, True])
+def test_in_memory_images_match_the_file_decoder(tmp_path, invert):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)
     path = write_png(tmp_path / "x.png", rgb)
     for channels in (1, 3):
-        from_file = read_image(path, 16, channels)
-        assert np.array_equal(_from_pil(Image.open(path), 16, channels), from_file)
-        assert np.array_equal(load_image(rgb, 16, channels), from_file)
+        steps = Decoding(16, channels, invert=invert)
+        from_file = read_image(path, 16, channels, invert)
+        assert np.array_equal(_from_pil(Image.open(path), steps), from_file)
+        assert np.array_equal(load_image(path, steps), from_file)
+        assert np.array_equal(load_image(rgb, steps), from_file)
         chw = torch.from_numpy(rgb).permute(2, 0, 1)
-        assert np.array_equal(load_image(chw, 16, channels), from_file)
-        assert np.array_equal(load_image(chw.float() / 255, 16, channels), from_file)
+        assert np.array_equal(load_image(chw, steps), from_file)
+        assert np.array_equal(load_image(chw.float() / 255, steps), from_file)
+        plain = read_image(path, 16, channels)
+        assert np.array_equal(from_file, 255 - plain if invert else plain)
+    # an array already at the input size is not resampled, only given the value steps
+    small = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    want = 255 - small if invert else small
+    assert np.array_equal(load_image(small, Decoding(16, 1, invert=invert))[:, :, 0], want)
+    assert np.array_equal(load_image(small[:, :, None], Decoding(16, 1, invert=invert))[:, :, 0],
+                          want)
     palette = Image.fromarray(rgb).convert("P")
     palette.save(tmp_path / "p.png")
-    assert np.array_equal(_from_pil(palette, 16, 3), read_image(tmp_path / "p.png", 16, 3))
+    assert np.array_equal(_from_pil(palette, Decoding(16, 3, invert=invert)),
+                          read_image(tmp_path / "p.png", 16, 3, invert))
 
 
 def test_wrong_layouts_name_the_shape_given_and_the_accepted_ones():
     hwc = torch.zeros(30, 41, 3)
     with pytest.raises(DataError) as exc:
-        load_image(hwc, 16, 3, "class 'a' image 1")
+        load_image(hwc, Decoding(16, 3), "class 'a' image 1")
     msg = str(exc.value)
     assert "(30, 41, 3)" in msg and "permute(2, 0, 1)" in msg and "(c, h, w)" in msg
     assert "(30, 3, 41)" not in msg  # never a shape the user did not pass
     with pytest.raises(DataError, match=r"\(3, 30, 41\).*transpose\(1, 2, 0\)"):
-        load_image(np.zeros((3, 30, 41), np.uint8), 16, 3)
+        load_image(np.zeros((3, 30, 41), np.uint8), Decoding(16, 3))
     with pytest.raises(DataError, match=r"\(2, 3, 30, 41\) is not an image.*accepted"):
-        load_image(torch.zeros(2, 3, 30, 41), 16, 3)
+        load_image(torch.zeros(2, 3, 30, 41), Decoding(16, 3))
 
 
 def test_warns_when_images_are_unlike_the_training_images(tmp_path):

@@ -37,13 +37,13 @@ from .checkpoints import (
     sibling_pretrained,
 )
 from .data.base import ImageSplit
-from .data.images import IMAGE_EXTENSIONS, CorruptImageError, is_image_file, read_image
+from .data.images import IMAGE_EXTENSIONS, CorruptImageError, decode_file, is_image_file
 from .data.transforms import Normalizer
 from .devices import autocast_enabled, resolve_device
 from .errors import DataError, MTLError
 from .evaluation import Embedder, embed_one_call, uses_batch_stats
 from .learners import METHODS, episode_logits
-from .preprocessing import resize_pil
+from .preprocessing import Decoding, decoding_of, polarity_warning
 
 log = logging.getLogger(__name__)
 
@@ -57,39 +57,27 @@ LAYOUTS = ("accepted: a path, a PIL image, a uint8 numpy array (h, w) or (h, w, 
 # ----------------------------------------------------------------------------- images
 
 
-def _from_pil(image: Image.Image, size: int, channels: int, resize: str = "direct") -> np.ndarray:
-    """An already-decoded image as ``(size, size, channels)`` uint8.
-
-    The same conversion and Lanczos resize as :func:`metatransfer.data.images.read_image`
-    applies after decoding a file (a test checks the two agree).
-    """
-    if image.mode == "P":  # palette images go through RGBA, as in the dataset loaders
-        image = image.convert("RGBA")
-    image = resize_pil(image.convert("RGB" if channels == 3 else "L"), size, resize)
-    return np.asarray(image, dtype=np.uint8).reshape(size, size, channels)
+def _from_pil(image: Image.Image, steps: Decoding) -> np.ndarray:
+    """An already-decoded image as a row: the same steps as
+    :func:`metatransfer.data.images.decode_file` applies after decoding a file (a test
+    checks the two agree)."""
+    return steps.decode(image)
 
 
-def _from_array(array: np.ndarray, size: int, channels: int, what: str,
-                resize: str = "direct") -> np.ndarray:
+def _from_array(array: np.ndarray, steps: Decoding, what: str) -> np.ndarray:
     """``(h, w)`` or ``(h, w, c)`` uint8 with c in 1, 3, 4 -> ``(size, size, channels)``."""
     if array.dtype != np.uint8:
         raise DataError(f"{what}: arrays must be uint8 (h, w, c), got {array.dtype}; "
                         "pass a uint8 array or a float tensor in [0, 1]")
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
         hint = ("; it looks like (c, h, w): use array.transpose(1, 2, 0)"
                 if array.ndim == 3 and array.shape[0] in (1, 3, 4) else "")
         raise DataError(f"{what}: a numpy array of shape {tuple(array.shape)} is not an "
                         f"image{hint} ({LAYOUTS})")
-    have = 1 if array.ndim == 2 else array.shape[2]
-    if have == channels and array.shape[:2] == (size, size) and resize == "direct":
-        return np.ascontiguousarray(array.reshape(size, size, channels))
-    return _from_pil(Image.fromarray(array), size, channels, resize)
+    return np.ascontiguousarray(steps.decode_array(array))
 
 
-def _from_tensor(tensor: torch.Tensor, size: int, channels: int, what: str,
-                 resize: str = "direct") -> np.ndarray:
+def _from_tensor(tensor: torch.Tensor, steps: Decoding, what: str) -> np.ndarray:
     """A ``(c, h, w)`` or ``(h, w)`` tensor, uint8 or float in [0, 1] (torchvision's layout)."""
     t = tensor.detach().cpu()
     if t.dim() not in (2, 3) or (t.dim() == 3 and t.shape[0] not in (1, 3, 4)):
@@ -103,10 +91,10 @@ def _from_tensor(tensor: torch.Tensor, size: int, channels: int, what: str,
         raise DataError(f"{what}: tensors must be uint8 or float in [0, 1], got {t.dtype}")
     if t.dim() == 3:
         t = t.permute(1, 2, 0)
-    return _from_array(t.numpy(), size, channels, what, resize)
+    return _from_array(t.numpy(), steps, what)
 
 
-def _read_path(path: Path, size: int, channels: int, resize: str = "direct") -> np.ndarray:
+def _read_path(path: Path, steps: Decoding) -> np.ndarray:
     """A file through the dataset loaders' decoder, with errors that fit this command."""
     if path.is_dir():
         raise DataError(f"{path} is a folder; pass image files (or a folder only as --query)")
@@ -116,24 +104,24 @@ def _read_path(path: Path, size: int, channels: int, resize: str = "direct") -> 
         raise DataError(f"{path} is not an image file (expected {_KINDS}); remove it or "
                         "pass only images")
     try:
-        return read_image(path, size, channels, resize=resize)
+        return decode_file(path, steps)
     except CorruptImageError as exc:
         cause = str(exc).split("; ")[0]
         raise DataError(f"{cause}; replace or remove the file") from None
 
 
-def load_image(image: ImageLike, size: int, channels: int, what: str = "image",
-               resize: str = "direct") -> np.ndarray:
-    """Any accepted image as ``(size, size, channels)`` uint8, preprocessed like training
-    (``resize``: the checkpoint's policy, see :mod:`metatransfer.preprocessing`)."""
+def load_image(image: ImageLike, steps: Decoding, what: str = "image") -> np.ndarray:
+    """Any accepted image as a ``(size, size, channels)`` uint8 row, decoded with the
+    checkpoint's ``steps`` (colour mode, size, resize policy, ink polarity: see
+    :class:`metatransfer.preprocessing.Decoding`), exactly as its training files were."""
     if isinstance(image, (str, Path)):
-        return _read_path(Path(image), size, channels, resize)
+        return _read_path(Path(image), steps)
     if isinstance(image, Image.Image):
-        return _from_pil(image, size, channels, resize)
+        return _from_pil(image, steps)
     if isinstance(image, np.ndarray):
-        return _from_array(image, size, channels, what, resize)
+        return _from_array(image, steps, what)
     if isinstance(image, torch.Tensor):
-        return _from_tensor(image, size, channels, what, resize)
+        return _from_tensor(image, steps, what)
     raise DataError(f"{what}: unsupported type {type(image).__name__} ({LAYOUTS})")
 
 
@@ -234,6 +222,7 @@ class FewShotClassifier:
         # batch-statistics BN (the authors' TensorFlow model): one call, one BN batch
         self._one_call = uses_batch_stats(self.embedder.backbone)
         self.classes_: list[str] = []
+        self.warnings: list[str] = []  # of the last fit: images unlike the training data
         self._support: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
 
@@ -253,14 +242,18 @@ class FewShotClassifier:
     def image_size(self) -> int:
         return int(self.info.image_size)
 
+    @property
+    def decoding(self) -> Decoding:
+        """What the training data's loader did to every image (see :func:`load_image`)."""
+        return decoding_of(self.info)
+
     def preprocess(self, images: Iterable[ImageLike], what: str = "image") -> np.ndarray:
         """``(n, size, size, channels)`` uint8, exactly as the training data was prepared."""
-        size, channels = self.image_size, int(self.info.in_channels)
+        steps = self.decoding
         items = _as_list(images)
         if not items:
-            return np.zeros((0, size, size, channels), np.uint8)
-        resize = self.info.resize or "direct"
-        return np.stack([load_image(im, size, channels, f"{what} {i + 1}", resize)
+            return np.zeros((0, steps.size, steps.size, steps.channels), np.uint8)
+        return np.stack([load_image(im, steps, f"{what} {i + 1}")
                          for i, im in enumerate(items)])
 
     def embed(self, images: np.ndarray) -> torch.Tensor:
@@ -297,10 +290,21 @@ class FewShotClassifier:
                                 "remove the class")
             arrays.append(batch)
             labels += [label] * len(batch)
-        self._support = self.embed(np.concatenate(arrays))[None]
+        rows = np.concatenate(arrays)
+        self.warnings = self._check_polarity(rows)
+        self._support = self.embed(rows)[None]
         self._labels = torch.as_tensor(labels, device=self.device)[None]
         self.classes_ = names
         return self
+
+    def _check_polarity(self, support: np.ndarray) -> list[str]:
+        """A one-line warning (logged, and returned for ``serve``) when the support images
+        look inverted against the training images (see
+        :func:`metatransfer.preprocessing.polarity_warning`)."""
+        warning = polarity_warning(support, self.info.mean, self.decoding.invert)
+        if warning:
+            log.warning(warning)
+        return [warning] if warning else []
 
     def shots(self) -> dict[str, int]:
         """Support images per class of the last ``fit``."""
@@ -483,10 +487,10 @@ def cmd_adapt(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     clf = FewShotClassifier.from_checkpoint(args.checkpoint, args.method, args.device,
                                             args.inner_steps, args.inner_lr, args.amp)
+    clf.fit(support)  # decodes every support image first: a broken file is the one message
     warning = domain_warning(clf.info, [p for paths in support.values() for p in paths])
     if warning:
         log.warning(warning)
-    clf.fit(support)
     probs = clf.predict_proba(queries)
     names = [str(q) for q in queries]
     ranked = top_k(probs, clf.classes_, min(args.top, len(clf.classes_)))

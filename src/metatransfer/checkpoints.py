@@ -39,6 +39,9 @@ class ModelInfo:
     # how images reach image_size: "direct" (whole image) or "crop:N" (shorter side to N,
     # then the centre crop); see metatransfer.preprocessing. Older checkpoints: direct.
     resize: str = "direct"
+    # ink polarity of the training data's loader: every grey level v was read as 255 - v
+    # (Omniglot); applied to every file the model is run on (see metatransfer.preprocessing)
+    invert: bool = False
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     phase: str = "pretrain"  # pretrain | meta | imported
@@ -140,6 +143,8 @@ def _parse_info(path: Path, meta: dict) -> ModelInfo:
             "use the metatransfer version that wrote it"
         )
     known = set(ModelInfo.__dataclass_fields__)
+    if "invert" not in raw:  # written before polarity was recorded: the Omniglot loader
+        raw["invert"] = raw.get("source") == "omniglot"  # has always inverted its files
     return ModelInfo(**{k: v for k, v in raw.items() if k in known})
 
 

@@ -34,6 +34,11 @@ class DataConfig:
     # resize policy: "" (a checkpoint's own, else direct) | direct | crop:N (shorter side
     # to N, then the centre crop: the MTL authors' and FEAT's test transform)
     resize: str = ""
+    # colour mode: 0 = a checkpoint's own, else the dataset's | 1 (grayscale) | 3 (RGB)
+    channels: int = 0
+    # ink polarity, every grey level v read as 255 - v: null = a checkpoint's own, else the
+    # dataset's (omniglot: true, bright strokes on dark; the others: false, as stored)
+    invert: bool | None = None
     stats: str = ""  # channel statistics: "" = a checkpoint's own | dataset
     cache_dir: str | None = None  # uint8 cache location; default: a user cache dir
     skip_corrupt: bool = False  # skip unreadable images with a warning instead of stopping
@@ -493,6 +498,9 @@ def validate(cfg: RunConfig) -> None:
                           "use it with meta.bn_mode=eval, or set meta.forward_chunk=0")
     if cfg.meta.ways < 2:
         raise ConfigError(f"'meta.ways' must be at least 2, got {cfg.meta.ways}")
+    if cfg.data.channels not in (0, 1, 3):
+        raise ConfigError(f"'data.channels' must be 0 (the dataset's or a checkpoint's), 1 or "
+                          f"3, got {cfg.data.channels}")
     if not 0 <= cfg.data.meta_holdout < 1:
         raise ConfigError(f"'data.meta_holdout' must lie in [0, 1), got {cfg.data.meta_holdout}")
     if not 0 <= cfg.pretrain.gamma <= 1 or not 0 <= cfg.meta.gamma <= 1:

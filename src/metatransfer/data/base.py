@@ -15,6 +15,7 @@ from functools import cached_property
 import numpy as np
 
 from ..errors import DataError
+from ..preprocessing import Decoding
 
 
 @dataclass
@@ -27,6 +28,10 @@ class ImageSplit:
         class_names: one name per label value.
         name: e.g. ``"miniimagenet/val"``, used in messages.
         mean, std: per-channel normalisation in ``[0, 1]`` units.
+        decoding: what the loader did to every decoded image (colour mode, size, resize
+            policy, ink polarity); a checkpoint trained on the split records it, so that
+            every tool decodes a user's files the same way. Default: the images' own size
+            and channel count, resized directly, as stored.
     """
 
     images: np.ndarray
@@ -37,10 +42,13 @@ class ImageSplit:
     std: tuple[float, ...] = (0.5,)
     source: str = ""  # where the images came from, for messages
     meta: dict = field(default_factory=dict)
+    decoding: Decoding | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
             raise ValueError(f"{self.name}: images must be (n, h, w, c) uint8")
+        if self.decoding is None:
+            self.decoding = Decoding(int(self.images.shape[1]), int(self.images.shape[3]))
         if len(self.labels) != len(self.images):
             raise ValueError(
                 f"{self.name}: {len(self.labels)} labels for {len(self.images)} images")

@@ -25,10 +25,10 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import DataError
-from ..preprocessing import cache_key_policy, canonical_resize, resize_array
+from ..preprocessing import DIRECT, Decoding, canonical_resize
 from .base import ImageSplit
 from .cache import cache_key, cache_root, cached_shape, cached_uint8, files_fingerprint
-from .images import FORMAT_VERSION, packaged_split, require_root
+from .images import FORMAT_VERSION, decoding_args, packaged_split, require_root
 from .registry import register_dataset
 
 DEFAULT_SIZE = 32
@@ -141,10 +141,11 @@ def _fine_classes(dataset: str, split: str, fine_names: list[str], coarse_names:
     return sorted(set(ids), key=lambda i: fine_names[i])
 
 
-def _resize(images: np.ndarray, size: int, policy: str = "direct") -> np.ndarray:
-    if size == images.shape[1] and policy == "direct":
-        return images
-    return np.stack([resize_array(im, size, policy) for im in images])
+def _decode(images: np.ndarray, steps: Decoding) -> np.ndarray:
+    """``(n, 32, 32, 3)`` uint8 RGB rows decoded with ``steps`` (mode, size, polarity)."""
+    if steps.channels == 3 and steps.size == images.shape[1] and steps.resize == DIRECT:
+        return steps.pixels(images)
+    return np.stack([steps.decode_array(im) for im in images])
 
 
 def load_cifar(cfg: DataConfig, split: str, dataset: str) -> ImageSplit:
@@ -158,10 +159,12 @@ def load_cifar(cfg: DataConfig, split: str, dataset: str) -> ImageSplit:
             raise DataError(f"{path} is {kind}, where the CIFAR-100 pickle file is expected; "
                             f"{FIX}")
     size = cfg.image_size or DEFAULT_SIZE
-    resize = canonical_resize(cfg.resize)
+    args = decoding_args(cfg, channels=3, mean=MEAN, std=STD)
+    steps = Decoding(size, args["channels"], canonical_resize(cfg.resize), args["invert"])
     lists = hashlib.sha256(json.dumps(_split_list(dataset, split)).encode()).hexdigest()[:16]
     key = cache_key(dataset=dataset, split=split, files=files_fingerprint(sources), lists=lists,
-                    size=size, version=FORMAT_VERSION, **cache_key_policy(resize))
+                    size=size, version=FORMAT_VERSION, **steps.cache_parts(),
+                    **({"channels": steps.channels} if steps.channels != 3 else {}))
     directory = cache_root(cfg.cache_dir) / dataset
     shape = cached_shape(directory, key)
 
@@ -194,14 +197,14 @@ def load_cifar(cfg: DataConfig, split: str, dataset: str) -> ImageSplit:
     built = None
     if shape is None:  # no cache yet: read the pickles once to learn the row count
         built = build()
-        shape = (len(built[1]), size, size, 3)
+        shape = (len(built[1]), size, size, steps.channels)
 
     def fill(out: np.ndarray) -> dict:
         parts, labels, names = built or build()
         rows = 0
         for batch in parts:
             for start in range(0, len(batch), 1000):
-                chunk = _resize(batch[start : start + 1000], size, resize)
+                chunk = _decode(batch[start : start + 1000], steps)
                 out[rows : rows + len(chunk)] = chunk
                 rows += len(chunk)
         return {"labels": labels.tolist(), "class_names": names}
@@ -209,7 +212,8 @@ def load_cifar(cfg: DataConfig, split: str, dataset: str) -> ImageSplit:
     array, meta = cached_uint8(directory, key, shape, fill)
     return ImageSplit(images=array, labels=np.asarray(meta["labels"], dtype=np.int64),
                       class_names=list(meta["class_names"]), name=f"{dataset}/{split}",
-                      mean=MEAN, std=STD, source=str(folder), meta={"cache_key": key})
+                      mean=args["mean"], std=args["std"], source=str(folder),
+                      decoding=steps, meta={"cache_key": key})
 
 
 @register_dataset("fc100")

@@ -2,7 +2,9 @@
 
 Any sub-folder of ``root`` is a split, so ``trainval`` or ``novel`` work as well as
 ``train``/``val``/``test``. Images are read as RGB whatever their type and resized to
-``data.image_size`` (84 by default). The same scan serves the folder layouts of
+``data.image_size`` (84 by default), as stored; ``data.channels=1`` reads them as
+grayscale and ``data.invert=true`` inverts them (both are set from a checkpoint's
+preprocessing in meta-test). The same scan serves the folder layouts of
 miniImageNet and tieredImageNet.
 """
 
@@ -15,7 +17,13 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import DataError
 from .base import ImageSplit
-from .images import IMAGE_EXTENSIONS, is_image_file, load_image_files, require_root
+from .images import (
+    IMAGE_EXTENSIONS,
+    decoding_args,
+    is_image_file,
+    load_image_files,
+    require_root,
+)
 from .registry import register_dataset
 
 LAYOUT = "one sub-folder per split (train/, val/, test/) holding one folder of images per class"
@@ -87,7 +95,7 @@ def load(cfg: DataConfig, split: str) -> ImageSplit:
     paths, labels, names = flatten(scan_class_folders("folder", folder))
     return load_image_files(
         dataset="folder", split=split, paths=paths, labels=labels, class_names=names,
-        size=cfg.image_size or DEFAULT_SIZE, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        resize=cfg.resize,
+        size=cfg.image_size or DEFAULT_SIZE,
+        **decoding_args(cfg, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD),
         cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, source=str(folder),
     )

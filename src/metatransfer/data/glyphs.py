@@ -36,8 +36,10 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont, features
 
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
+from ..preprocessing import Decoding
 from .base import ImageSplit
 from .cache import cache_key, cache_root, cached_uint8
+from .images import decoding_args
 from .registry import register_dataset
 
 FORMAT_VERSION = 1  # bump whenever class selection or rendering changes the pixels
@@ -435,13 +437,21 @@ def load_glyphs(cfg: DataConfig, split: str) -> ImageSplit:
     codepoints = meta["splits"][split]
     images = array[start * per_class : (start + len(codepoints)) * per_class]
     labels = np.repeat(np.arange(len(codepoints), dtype=np.int64), per_class)
+    # rendered once as grey, bright or dark ink at random; data.channels / data.invert (a
+    # checkpoint's, or the user's) replicate or invert the rendered pixels
+    args = decoding_args(cfg, channels=1, mean=(float(meta["mean"]),),
+                         std=(float(meta["std"]),))
+    steps = Decoding(size, args["channels"], invert=args["invert"])
+    if steps.channels == 3:
+        images = np.repeat(images, 3, axis=3)
     return ImageSplit(
-        images=images,
+        images=steps.pixels(images),
         labels=labels,
         class_names=[class_name(cp) for cp in codepoints],
         name=f"glyphs/{split}",
-        mean=(float(meta["mean"]),),
-        std=(float(meta["std"]),),
+        mean=args["mean"],
+        std=args["std"],
+        decoding=steps,
         source=f"built-in glyphs rendered from {len(meta['fonts'])} fonts",
         meta={"codepoints": list(codepoints), "fonts": meta["fonts"],
               "data_fingerprint": glyph_font_fingerprint()},

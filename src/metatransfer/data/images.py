@@ -26,9 +26,17 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ..config import DATA_ENV, DATA_PLACEHOLDER, data_search_path
+from ..config import DATA_ENV, DATA_PLACEHOLDER, DataConfig, data_search_path
 from ..errors import DataError
-from ..preprocessing import cache_key_policy, canonical_resize, parse_resize, resize_pil
+from ..preprocessing import (
+    Decoding,
+    cache_key_policy,
+    canonical_resize,
+    channel_count,
+    parse_resize,
+    polarity,
+    stats_for,
+)
 from .base import ImageSplit
 from .cache import cache_key, cache_root, cached_uint8, files_fingerprint
 
@@ -58,6 +66,12 @@ def read_image(path: Path, size: int, channels: int, invert: bool = False,
                resize: str = "direct") -> np.ndarray:
     """One file as ``(size, size, channels)`` uint8; ``invert`` flips grey levels (ink);
     ``resize`` is the policy of :mod:`metatransfer.preprocessing` (``direct`` or ``crop:N``).
+    See :func:`decode_file`."""
+    return decode_file(path, Decoding(size, channels, canonical_resize(resize), invert))
+
+
+def decode_file(path: Path, steps: Decoding) -> np.ndarray:
+    """One file as a ``(size, size, channels)`` uint8 row, decoded with ``steps``.
 
     Raises :class:`CorruptImageError` for a directory, an empty file or undecodable bytes,
     and :class:`DataError` for a missing file.
@@ -72,25 +86,30 @@ def read_image(path: Path, size: int, channels: int, invert: bool = False,
         )
     if info.st_size == 0:
         raise CorruptImageError(f"{path} is empty (0 bytes); {SKIP_HINT}")
-    mode = "RGB" if channels == 3 else "L"
     try:
         with Image.open(path) as im:
-            target = parse_resize(resize) or size
+            target = parse_resize(steps.resize) or steps.size
             if im.format == "JPEG" and min(im.size) > 2 * target:
-                im.draft(mode, (target, target))
-            if im.mode == "P":  # palette (often GIF/PNG with transparency): go through RGBA
-                im = im.convert("RGBA")
-            im = im.convert(mode)
-            im = resize_pil(im, size, resize)
-            array = np.asarray(im, dtype=np.uint8)
+                im.draft(steps.mode, (target, target))
+            return steps.decode(im)
     except UnidentifiedImageError:
         raise CorruptImageError(f"{path} is not a readable image; {SKIP_HINT}") from None
     except Exception as exc:  # any decoder failure on a damaged file means the same thing
         reason = (str(exc).splitlines() or [type(exc).__name__])[0].replace(str(path), "file")
         raise CorruptImageError(f"{path} cannot be decoded ({reason}); {SKIP_HINT}") from None
-    if invert:
-        array = 255 - array
-    return array.reshape(size, size, channels)
+
+
+def decoding_args(cfg: DataConfig, *, channels: int, mean: tuple[float, ...],
+                  std: tuple[float, ...], invert: bool = False) -> dict:
+    """The colour, polarity and statistics arguments of :func:`load_image_files` for a
+    dataset whose own images have ``channels`` channels, polarity ``invert`` and channel
+    statistics ``mean``/``std``, decoded as ``cfg`` asks (``data.channels``,
+    ``data.invert``, ``data.resize``: a checkpoint's, or the user's)."""
+    want_channels = channel_count(cfg.channels, channels)
+    want_invert = polarity(cfg.invert, invert)
+    mean, std = stats_for(mean, std, want_channels, want_invert != invert)
+    return {"channels": want_channels, "invert": want_invert, "mean": mean, "std": std,
+            "resize": cfg.resize}
 
 
 def _try_read(read: Callable[[Path], np.ndarray], path: Path) -> np.ndarray | CorruptImageError:
@@ -193,9 +212,10 @@ def load_image_files(
         **cache_key_policy(resize),
     )
     shape = (len(paths) * variants, size, size, channels)
+    steps = Decoding(size, channels, resize, invert)
 
     def read(path: Path) -> np.ndarray:
-        return read_image(path, size, channels, invert, resize)
+        return decode_file(path, steps)
 
     def fill(out: np.ndarray) -> dict:
         skipped = fill_rows(out, paths, read, skip_corrupt=skip_corrupt, expand=expand,
@@ -221,7 +241,7 @@ def load_image_files(
         raise DataError(f"{name}: class '{empty}' has no readable images; replace its files "
                         f"or remove the class")
     return ImageSplit(images=array, labels=labels, class_names=list(class_names), name=name,
-                      mean=mean, std=std, source=source,
+                      mean=mean, std=std, source=source, decoding=steps,
                       meta={"skipped": [str(paths[i]) for i in skipped], "cache_key": key})
 
 

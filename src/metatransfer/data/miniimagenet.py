@@ -18,7 +18,7 @@ from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from .base import ImageSplit
 from .folder import flatten, scan_class_folders, split_dir
-from .images import load_image_files, require_root
+from .images import decoding_args, load_image_files, require_root
 from .registry import register_dataset
 
 DEFAULT_SIZE = 84
@@ -120,7 +120,7 @@ def load(cfg: DataConfig, split: str) -> ImageSplit:
         missing, source = None, str(folder)
     return load_image_files(
         dataset="miniimagenet", split=split, paths=paths, labels=labels, class_names=names,
-        size=cfg.image_size or DEFAULT_SIZE, channels=3, mean=MEAN, std=STD,
-        resize=cfg.resize,
+        size=cfg.image_size or DEFAULT_SIZE,
+        **decoding_args(cfg, channels=3, mean=MEAN, std=STD),
         cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, source=source, missing=missing,
     )

@@ -21,7 +21,10 @@ test episodes use the characters as drawn, like any new alphabet a user brings.
 
 Ink: the files are black ink on white; we invert them so ink is bright (255) on a dark
 (0) background. Zero is then "no stroke", which is what the zero padding of crops and
-affine augmentation fills in.
+affine augmentation fills in. The inversion is this loader's declared preprocessing
+(``ImageSplit.decoding.invert``): a model trained here records it, and ``adapt``,
+``serve`` and meta-test on any other dataset invert raw files for it likewise.
+``data.invert=false`` reads the files as stored (a checkpoint's polarity sets it).
 """
 
 from __future__ import annotations
@@ -34,7 +37,13 @@ from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from .base import ImageSplit
 from .folder import flatten, scan_class_folders
-from .images import is_image_file, load_image_files, packaged_split, require_root
+from .images import (
+    decoding_args,
+    is_image_file,
+    load_image_files,
+    packaged_split,
+    require_root,
+)
 from .registry import register_dataset
 
 DEFAULT_SIZE = 28
@@ -127,9 +136,9 @@ def load(cfg: DataConfig, split: str) -> ImageSplit:
     rotate = bool(cfg.rotations) and split == cfg.train_split
     return load_image_files(
         dataset="omniglot", split=split, paths=paths, labels=labels,
-        class_names=names, size=cfg.image_size or DEFAULT_SIZE, channels=1, mean=MEAN, std=STD,
-        resize=cfg.resize,
-        cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, source=str(root), invert=True,
+        class_names=names, size=cfg.image_size or DEFAULT_SIZE,
+        **decoding_args(cfg, channels=1, mean=MEAN, std=STD, invert=True),
+        cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, source=str(root),
         variants=4 if rotate else 1, expand=_rotations if rotate else None,
         variant_names=ROTATION_NAMES if rotate else ("",),
     )

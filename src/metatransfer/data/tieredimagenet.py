@@ -15,7 +15,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from .base import ImageSplit
 from .folder import IMAGENET_MEAN, IMAGENET_STD, flatten, scan_class_folders, split_dir
-from .images import load_image_files, packaged_split, require_root
+from .images import decoding_args, load_image_files, packaged_split, require_root
 from .registry import register_dataset
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def load(cfg: DataConfig, split: str) -> ImageSplit:
     paths, labels, names = flatten(classes)
     return load_image_files(
         dataset="tieredimagenet", split=split, paths=paths, labels=labels, class_names=names,
-        size=cfg.image_size or DEFAULT_SIZE, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        resize=cfg.resize,
+        size=cfg.image_size or DEFAULT_SIZE,
+        **decoding_args(cfg, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD),
         cache_dir=cfg.cache_dir, skip_corrupt=cfg.skip_corrupt, source=str(folder),
     )

@@ -47,7 +47,7 @@ from ..evaluation import (
     setting_key,
 )
 from ..finetune import evaluate_ft_all
-from ..preprocessing import apply_stats, for_checkpoint
+from ..preprocessing import apply_stats, check_decoding, for_checkpoint
 from ..runs import RunDir
 from .common import make_embedder, prepare_backbone, use_amp
 
@@ -116,10 +116,11 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
         if key in embedders:
             continue
         data, prep = for_checkpoint(cfg.data, info, "meta-test: ")
-        geometry = (data.image_size, data.resize)
+        geometry = (data.image_size, data.resize, data.channels, data.invert)
         if geometry not in loaded:
             with distributed.local_main_first():
                 loaded[geometry] = load_split(data, split_name(cfg))
+        check_decoding(loaded[geometry], prep)  # e.g. raw Omniglot files inverted for it
         splits[key] = apply_stats(loaded[geometry], prep, "meta-test: ")
         if info.in_channels != splits[key].channels:
             raise MTLError(f"the {info.backbone} checkpoint expects {info.in_channels}-channel "

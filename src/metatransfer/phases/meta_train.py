@@ -34,7 +34,7 @@ from ..data.transforms import Normalizer, gather_uint8
 from ..errors import CheckpointError, MTLError
 from ..learners import adapt, linear_logits, normalize_features
 from ..models.ss import enable_ss
-from ..preprocessing import apply_stats, checkpoint_preprocessing
+from ..preprocessing import apply_stats, check_decoding, checkpoint_preprocessing
 from ..runs import RunDir, seed_phase
 from ..training import Step, TrainingLoop
 from .common import (
@@ -225,6 +225,7 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
         train = class_share(load_split(data, cfg.data.train_split), cfg.data.meta_holdout,
                             "meta")
         val = load_split(data, cfg.data.val_split)
+    check_decoding(train, prep)  # decoded as the pre-trained model's data was
     train, val = apply_stats(train, prep), apply_stats(val, prep)
     sampler = EpisodeSampler(train.indices_by_class, mc.ways, mc.shots, mc.queries,
                              seed=cfg.seed, name=train.name)

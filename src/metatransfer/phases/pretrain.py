@@ -51,10 +51,13 @@ def lr_factor(cfg: RunConfig, epoch_progress: float) -> float:
 
 
 def model_info(cfg: RunConfig, split, backbone: nn.Module, phase: str) -> ModelInfo:
+    """The checkpoint metadata of a model trained on ``split``: what its loader did to every
+    image (``split.decoding``) and its statistics are the model's preprocessing."""
+    steps = split.decoding
     return ModelInfo(
         backbone=cfg.model.backbone, backbone_args=dict(cfg.model.backbone_args),
         in_channels=split.channels, image_size=split.image_size[0],
-        resize=canonical_resize(cfg.data.resize),
+        resize=canonical_resize(steps.resize), invert=steps.invert,
         mean=list(split.mean), std=list(split.std), phase=phase,
         feature_norm=cfg.meta.feature_norm, inner_steps=cfg.eval.inner_steps,
         inner_lr=cfg.eval.inner_lr, source=cfg.data.name,
