@@ -216,3 +216,45 @@ def test_page_in_headless_chromium(checkpoint, tmp_path):
     finally:
         server.shutdown()
         thread.join(5)
+
+
+def test_request_log_has_no_colour_codes_off_a_terminal(checkpoint):
+    """`mtl serve > log.txt`: werkzeug colours e.g. a 404 line; ours stays plain text."""
+    import logging
+    import urllib.error
+    import urllib.request
+
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    from metatransfer.serve import _request_log
+
+    app = create_app(checkpoint, device="cpu")
+    logger = logging.getLogger("werkzeug")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        for request_handler in (_request_log(), WSGIRequestHandler):
+            server = make_server("127.0.0.1", 0, app, threaded=True,
+                                 request_handler=request_handler)
+            thread = threading.Thread(target=server.serve_forever, daemon=True)
+            thread.start()
+            try:
+                with pytest.raises(urllib.error.HTTPError):
+                    urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/missing",
+                                           timeout=10)
+            finally:
+                server.shutdown()
+                thread.join(5)
+                server.server_close()
+            text, _ = stream.getvalue(), stream.truncate(0)
+            stream.seek(0)
+            if request_handler is WSGIRequestHandler:
+                assert "\x1b[" in text  # the control: werkzeug's own handler colours it
+            else:
+                assert '"GET /missing HTTP/1.1" 404' in text and "\x1b[" not in text
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -8,7 +8,10 @@ app without starting a server (tests use Flask's test client).
 
 API: ``GET /api/info`` (methods, limits); ``POST /api/predict`` multipart with
 ``classes`` (JSON list of names), files ``support-<i>`` for class ``i``, files ``query``,
-optional ``method`` and ``top``; answers JSON, errors as ``{"error": message}``.
+optional ``method`` and ``top``; answers JSON (``method``, ``classes``, ``shots``,
+``predictions``: per query ``name``, ``prediction``, ``probability``, ``probabilities``,
+``top``; ``warnings``: e.g. support images that look inverted against the training
+data), errors as ``{"error": message}``.
 """
 
 from __future__ import annotations
@@ -127,6 +130,7 @@ def create_app(checkpoint: str | Path, method: str | None = None, device: str = 
         ranked = top_k(probs, clf.classes_, max(1, min(top, len(clf.classes_))))
         return flask.jsonify(
             method=chosen, classes=clf.classes_, shots=clf.shots(),
+            warnings=[store.readable(w) for w in clf.warnings],
             predictions=[{"name": store.names[str(p)], "prediction": r[0][0],
                           "probability": r[0][1], "probabilities": row.tolist(),
                           "top": [{"class": c, "probability": q} for c, q in r]}
@@ -183,7 +187,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: anyone who can reach this address can use the page",
                     args.host)
-    server = make_server(args.host, args.port, app, threaded=True)
+    server = make_server(args.host, args.port, app, threaded=True,
+                         request_handler=_request_log())
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"few-shot page on http://{host}:{server.server_port}/ (Ctrl-C to stop)", flush=True)
     try:
@@ -192,6 +197,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
         pass
     finally:
         server.server_close()
+
+
+def _request_log():
+    """Werkzeug's request handler, its log lines without ANSI colours unless stderr is a
+    terminal (a log redirected to a file stays plain text)."""
+    import sys
+
+    from werkzeug.serving import WSGIRequestHandler
+
+    class RequestLog(WSGIRequestHandler):
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            if sys.stderr.isatty():
+                return super().log_request(code, size)
+            line = str(getattr(self, "requestline", "")).translate(self._control_char_table)
+            self.log("info", '"%s" %s %s', line, code, size)
+
+    return RequestLog
 
 
 def register_cli(subparsers) -> None:
