@@ -170,3 +170,22 @@ def test_only_bundled_fonts_are_used_and_fingerprinted(tmp_path):
     fingerprint = glyphs.glyph_font_fingerprint()
     assert split.meta["data_fingerprint"] == fingerprint
     assert fingerprint.startswith("fonts-") and len(fingerprint) == len("fonts-") + 16
+
+
+def test_a_data_root_is_refused_not_ignored(tmp_path):
+    """`mtl pretrain --set data.root=/does-not-exist` (no preset) used to train on the
+    built-in set without a word."""
+    with pytest.raises(ConfigError, match=r"data.root=/does-not-exist .*built in.*"
+                                          r"data.root=null.*mtl data list"):
+        glyphs.load_glyphs(small(tmp_path, root="/does-not-exist"), "train")
+
+
+def test_first_generation_says_so_once(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="metatransfer"):
+        glyphs.load_glyphs(small(tmp_path), "train")
+        glyphs.load_glyphs(small(tmp_path), "val")
+    lines = [r.getMessage() for r in caplog.records if "generating" in r.getMessage()]
+    assert len(lines) == 1 and "10 characters x 4 images" in lines[0]
+    assert str(tmp_path) in lines[0]  # where the cache goes

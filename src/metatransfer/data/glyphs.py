@@ -23,6 +23,7 @@ Design choices:
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 import unicodedata
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import PIL
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, features
+from tqdm import tqdm
 
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
@@ -41,6 +43,8 @@ from .base import ImageSplit
 from .cache import cache_key, cache_root, cached_uint8
 from .images import decoding_args
 from .registry import register_dataset
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump whenever class selection or rendering changes the pixels
 SPLITS = ("train", "val", "test")
@@ -396,6 +400,10 @@ def _generation_key(cfg: DataConfig, size: int) -> str:
 @register_dataset("glyphs")
 def load_glyphs(cfg: DataConfig, split: str) -> ImageSplit:
     """Split ``split`` of the glyphs dataset, generated on first use and then memory-mapped."""
+    if cfg.root:  # a root the user gave (or a preset did) would be silently ignored
+        raise ConfigError(f"data.root={cfg.root} is set, but the glyphs dataset is built in and "
+                          "reads no files; remove data.root (--set data.root=null), or set "
+                          "data.name to the dataset that lives there (`mtl data list`)")
     if split not in SPLITS:
         raise DataError(f"glyphs has no split '{split}'; choose one of {', '.join(SPLITS)}")
     if cfg.glyph_images < 1:
@@ -411,7 +419,11 @@ def load_glyphs(cfg: DataConfig, split: str) -> ImageSplit:
         splits = split_classes(cfg.glyph_classes, cfg.glyph_seed)
         layout = [cp for name in SPLITS for cp in splits[name]]
         total, total_sq = 0.0, 0.0
-        for c, cp in enumerate(layout):
+        log.info("generating the built-in glyphs data (%d characters x %d images, %dx%d), "
+                 "once: later runs read it from %s", len(layout), per_class, size, size,
+                 cache_root(cfg.cache_dir) / "glyphs")
+        for c, cp in enumerate(tqdm(layout, desc="rendering glyphs", unit="class",
+                                    disable=None, leave=False)):
             covering = [f for f in fonts if cp in f.coverage]
             block = array[c * per_class : (c + 1) * per_class, :, :, 0]
             for i in range(per_class):
