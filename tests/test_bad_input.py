@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -219,13 +220,45 @@ def test_cli_bad_paths(tmp_path, capsys):
 
 def test_cli_corrupt_dataset_one_line(tmp_path, capsys):
     root = folder_dataset(tmp_path / "data")
+    shutil.copytree(root / "train", root / "val")  # the split pre-training validates on
     (root / "train" / "a" / "x.jpg").write_bytes(os.urandom(300))
     line = cli_error(capsys, ["pretrain", "--quiet", "--set", "data.name=folder",
-                              "--set", f"data.root={root}", "--set", f"out={tmp_path / 'r'}"])
+                              "--set", f"data.root={root}", "--set", f"out={tmp_path / 'r'}",
+                              "--set", "pretrain.val_ways=2", "--set", "pretrain.val_queries=2"])
     assert "x.jpg is not a readable image" in line
+    assert not (tmp_path / "r").exists()  # found before the run directory is made
 
 
 def test_unknown_backbone_argument(tmp_path, capsys):
     line = cli_error(capsys, ["pretrain", "--quiet", "--set", "data.name=toy", "--set",
                               f"out={tmp_path / 'r'}", "--set", "model.backbone_args={foo: 1}"])
     assert "foo" in line
+
+
+def test_single_phase_commands_check_the_data_before_writing(tmp_path, capsys, monkeypatch):
+    """`mtl pretrain --preset omniglot-conv4 --set data.root=/missing` used to write
+    runs/omniglot-conv4-<time>/environment.json before failing; like `mtl run`, every
+    phase command now checks its data first and leaves nothing behind."""
+    from metatransfer.checkpoints import ModelInfo, save_model
+    from metatransfer.models import create_backbone
+
+    monkeypatch.chdir(tmp_path)
+    missing = ["--set", "data.root=/missing/omniglot"]
+    line = cli_error(capsys, ["pretrain", "--quiet", "--preset", "omniglot-conv4", *missing])
+    assert "root /missing/omniglot does not exist" in line
+    line = cli_error(capsys, ["pretrain", "--quiet", "--set", "data.root=/does-not-exist"])
+    assert "glyphs dataset is built in" in line  # no preset: the demo set, refusing a root
+    model = tmp_path / "model.safetensors"
+    save_model(model, ModelInfo(backbone="conv4", backbone_args={"width": 8}, in_channels=1,
+                                image_size=28, invert=True, mean=[0.08], std=[0.27],
+                                source="omniglot"),
+               create_backbone("conv4", in_channels=1, width=8))
+    line = cli_error(capsys, ["meta-train", "--quiet", "--preset", "omniglot-conv4",
+                              "--pretrained", str(model), *missing])
+    assert "does not exist" in line
+    (tmp_path / "evals").mkdir()  # an explicit, empty --out: still nothing written into it
+    line = cli_error(capsys, ["meta-test", "--quiet", "--checkpoint", str(model),
+                              "--method", "protonet", "--out", str(tmp_path / "evals"),
+                              "--set", "data.name=omniglot", *missing])
+    assert "does not exist" in line
+    assert not (tmp_path / "runs").exists() and not any((tmp_path / "evals").iterdir())

@@ -98,6 +98,17 @@ def start(cfg: RunConfig):
     return run, device
 
 
+def check_data(cfg: RunConfig, phases: tuple[str, ...], checkpoint: Path | None = None) -> None:
+    """Before :func:`start` writes anything: the data of ``phases`` loads and fits their
+    episodes (:func:`metatransfer.runs.preflight`), so bad inputs leave no run directory."""
+    from . import distributed
+    from .runs import preflight
+
+    distributed.init_from_env(cfg.device)  # under torchrun: one process per node decodes
+    with distributed.local_main_first():
+        preflight(cfg, phases, checkpoint)
+
+
 def _quiet_other_ranks(rank: int) -> None:
     """Only rank 0 logs progress; the others log warnings and errors, tagged with their rank."""
     root = logging.getLogger()
@@ -173,6 +184,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from .phases.pretrain import pretrain
 
     cfg = resolve_run_config(args)
+    check_data(cfg, ("pretrain",))
     run, device = start(cfg)
     path = pretrain(cfg, run, device, not args.quiet)
     say(f"pre-trained model: {path}")
@@ -190,8 +202,10 @@ def cmd_meta_train(args: argparse.Namespace) -> None:
                        "first or pass --pretrained FILE")
     from .checkpoints import resolve_checkpoint
 
+    pretrained = resolve_checkpoint(pretrained)
+    check_data(cfg, ("meta",), pretrained)
     run, device = start(cfg)
-    path = meta_train(cfg, run, device, resolve_checkpoint(pretrained), not args.quiet)
+    path = meta_train(cfg, run, device, pretrained, not args.quiet)
     say(f"meta-trained model: {path}")
     run.close()
 
@@ -231,6 +245,8 @@ def cmd_meta_test(args: argparse.Namespace) -> None:
                                   "evaluation); choose another --out")
     else:
         cfg.out = str(eval_dir(source, cfg))
+    first = meta_path if meta_path and "mtl" in cfg.eval.methods else pretrained_path
+    check_data(cfg, ("test",), first or meta_path)
     fresh = not Path(cfg.out).exists()
     try:
         run, device = start(cfg)

@@ -96,30 +96,52 @@ def set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------- preflight
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Check every episode shape of a full run against the data before any training, so a
-    bad ``ways``/``shots``/``queries`` fails in seconds, not after pre-training."""
+PHASES = ("pretrain", "meta", "test")
+
+
+def preflight(cfg: RunConfig, phases: tuple[str, ...] = PHASES,
+              checkpoint: Path | None = None) -> None:
+    """Check the data of ``phases`` (all three: ``mtl run``) before anything is written or
+    trained: every split they read loads (a missing root or split fails in seconds, with
+    nothing left on disk) and every episode shape fits, so a bad ``ways``/``shots``/
+    ``queries`` fails now, not after pre-training. ``checkpoint``: the model whose
+    preprocessing the splits are decoded with (meta-train from a pre-trained model,
+    meta-test), so the decoded splits are the ones the phase then reads from the cache."""
     from .data import load_split
     from .data.base import phase_classes
 
     dc, pc, mc, ec = cfg.data, cfg.pretrain, cfg.meta, cfg.eval
-    val = load_split(dc, dc.val_split)
-    val.require(pc.val_ways, pc.val_shots + pc.val_queries, "pre-training validation episodes")
-    val.require(mc.ways, mc.shots + mc.queries, "meta-training validation episodes")
-    train = load_split(dc, dc.train_split)
-    phase_classes(train, dc.meta_holdout, "pretrain")  # enough classes left to pre-train
-    meta = phase_classes(train, dc.meta_holdout, "meta")  # the classes meta-training draws
-    enough = int((train.class_sizes[meta] >= mc.shots + mc.queries).sum())
-    if enough < mc.ways:
-        raise DataError(f"{train.name}: meta-training episodes need {mc.ways} classes with "
-                        f"{mc.shots + mc.queries} images (shots + queries), but only {enough} "
-                        f"of the {len(meta)} classes meta-training draws from have that many; "
-                        "lower meta.ways, shots or queries, or raise data.meta_holdout")
-    split = {"train": dc.train_split, "val": dc.val_split, "test": dc.test_split}
-    test = load_split(dc, split.get(ec.split, ec.split))
-    for ways in ec.ways:
-        for shots in ec.shots:
-            test.require(ways, shots + ec.queries, f"{ways}-way {shots}-shot test episodes")
+    if checkpoint is not None:
+        from .preprocessing import checkpoint_preprocessing
+
+        dc = checkpoint_preprocessing(dc, checkpoint, quiet=True)[0]
+    training = "pretrain" in phases or "meta" in phases
+    if training:
+        val = load_split(dc, dc.val_split)
+    if "pretrain" in phases:
+        val.require(pc.val_ways, pc.val_shots + pc.val_queries,
+                    "pre-training validation episodes")
+    if "meta" in phases:
+        val.require(mc.ways, mc.shots + mc.queries, "meta-training validation episodes")
+    if training:
+        train = load_split(dc, dc.train_split)
+    if "pretrain" in phases:
+        phase_classes(train, dc.meta_holdout, "pretrain")  # enough classes left to pre-train
+    if "meta" in phases:
+        meta = phase_classes(train, dc.meta_holdout, "meta")  # the classes meta-training draws
+        enough = int((train.class_sizes[meta] >= mc.shots + mc.queries).sum())
+        if enough < mc.ways:
+            raise DataError(f"{train.name}: meta-training episodes need {mc.ways} classes with "
+                            f"{mc.shots + mc.queries} images (shots + queries), but only "
+                            f"{enough} of the {len(meta)} classes meta-training draws from "
+                            "have that many; lower meta.ways, shots or queries, or raise "
+                            "data.meta_holdout")
+    if "test" in phases:
+        split = {"train": dc.train_split, "val": dc.val_split, "test": dc.test_split}
+        test = load_split(dc, split.get(ec.split, ec.split))
+        for ways in ec.ways:
+            for shots in ec.shots:
+                test.require(ways, shots + ec.queries, f"{ways}-way {shots}-shot test episodes")
 
 
 def git_commit() -> str | None:
