@@ -92,3 +92,40 @@ def test_listing_commands(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["import", "rfs"])
     assert exc.value.code == 2 and "mtl import --list" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["presets"], ["config", "keys"], ["config", "show"],
+                                  ["data", "list"]])
+def test_a_closed_pipe_is_quiet(argv):
+    """`mtl presets | head -1`: the reader stops early; no BrokenPipeError traceback."""
+    code = ("import sys; sys.argv = ['mtl'] + sys.argv[1:]\n"
+            "from metatransfer.cli import main\nmain(sys.argv[1:])")
+    for read_first_line in (True, False):  # the reader leaves after one line, or at once
+        proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        if read_first_line:
+            assert proc.stdout.readline()
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=120)
+        assert "Traceback" not in err and "BrokenPipe" not in err, err
+        assert proc.returncode in (0, 141)  # 141: stopped by the closed pipe, like SIGPIPE
+
+
+def test_config_show_without_a_preset_is_what_run_uses(capsys):
+    """`diff <(mtl config show) runs/<run>/config.yaml` differs only in `out`."""
+    import yaml
+
+    from metatransfer.cli import build_parser, main, resolve_run_config
+    from metatransfer.config import to_dict
+
+    main(["config", "show"])
+    captured = capsys.readouterr()
+    shown = yaml.safe_load(captured.out)
+    assert "glyphs-conv4" in captured.err
+    run = to_dict(resolve_run_config(build_parser().parse_args(["run"])))
+    assert {k: v for k, v in shown.items() if k != "out"} == \
+        {k: v for k, v in run.items() if k != "out"}
+    assert shown["meta"]["epochs"] == 12 and shown["meta"]["lr_ss"] == 0.002
+    main(["config", "show", "--set", "meta.epochs=3"])
+    assert yaml.safe_load(capsys.readouterr().out)["meta"]["lr_ss"] == 0.002  # still the preset

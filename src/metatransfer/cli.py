@@ -309,7 +309,12 @@ def cmd_config_show(args: argparse.Namespace) -> None:
 
     from .config import to_dict
 
-    cfg = load_config(args.preset, args.config, args.overrides)
+    # the config a training command would run: without --preset or --config, the demo's
+    preset = args.preset or (None if args.config else DEFAULT_PRESET)
+    cfg = load_config(preset, args.config, args.overrides)
+    if preset == DEFAULT_PRESET and not args.preset:
+        print(f"(preset {DEFAULT_PRESET}: what commands run without --preset or --config)",
+              file=sys.stderr)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
 
 
@@ -385,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     k = config_sub.add_parser("keys", help="every --set key with its type, default and meaning")
     k.set_defaults(func=cmd_config_keys)
-    s = config_sub.add_parser("show", help="print the config a preset/file/--set resolve to")
+    s = config_sub.add_parser("show", help="print the config a preset/file/--set resolve to "
+                              f"(without --preset or --config: {DEFAULT_PRESET}, as run uses)")
     s.add_argument("--preset", help="a preset name (see `mtl presets`)")
     s.add_argument("--config", help="a YAML config file (applied after the preset)")
     s.add_argument("--set", dest="overrides", action="append", default=[],
@@ -466,6 +472,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with _command_settings:
             args.func(args)
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+    except BrokenPipeError:
+        _quiet_closed_stdout()  # e.g. `mtl presets | head -1`: the reader had enough
+        sys.exit(141)  # as if killed by SIGPIPE, like other command-line tools
     except MTLError as exc:
         print(f"error: {_rank_tag()}{exc}", file=sys.stderr)
         sys.exit(2)
@@ -485,6 +495,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(3)
     if "metatransfer.distributed" in sys.modules:  # only commands that use torch load it
         sys.modules["metatransfer.distributed"].shutdown()
+
+
+def _quiet_closed_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush of the output left
+    in its buffer does not raise BrokenPipeError again at exit."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout replaced, e.g. under a test
+        pass
 
 
 def _rank_tag() -> str:
