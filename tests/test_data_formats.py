@@ -353,3 +353,32 @@ def test_verify_reports_sizes_and_problems(tmp_path):
     assert not ok and report.count("does not exist") == 1, report  # once, not per split
     assert "1 problem:" in report and "train, val, test: folder: root" in report
     assert [s.split()[1] for s in seen] == ["folder/train", "folder/val", "folder/test"]
+
+
+def test_verify_omniglot_background_only_says_how(tmp_path, capsys):
+    """The shared data's layout (images_background/ only, what the presets read): the
+    report names the splits that can be read and the --splits that checks them."""
+    import shutil
+
+    from metatransfer.cli import main
+
+    make_omniglot(tmp_path / "data" / "omniglot", np.random.default_rng(3), size=28)
+    root = tmp_path / "data" / "omniglot"
+    shutil.rmtree(root / "images_evaluation")
+    cache = ["--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "verify", "omniglot", "--root", str(root), *cache])
+    out = capsys.readouterr().out
+    assert exc.value.code == 1
+    assert "readable: train, val (check only those with --splits train,val)" in out
+    assert "images_evaluation is absent" in out and "--splits train,val" in out
+    assert "eval.split=val" in out
+    main(["data", "verify", "omniglot", "--root", str(root), "--splits", "train,val", *cache])
+    assert "ok: no problems found" in capsys.readouterr().out
+    # a wrong root is not told to choose another split
+    with pytest.raises(SystemExit):
+        main(["data", "verify", "omniglot", "--root", str(tmp_path / "data"), *cache])
+    out = capsys.readouterr().out
+    assert "holds neither images_background/ nor images_evaluation/" in out
+    assert f"did you mean {root}?" in out and "another split" not in out
+    assert "readable" not in out

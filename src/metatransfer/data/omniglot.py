@@ -56,12 +56,28 @@ LAYOUT = "images_background/ and images_evaluation/, each <Alphabet>/<character>
 ROTATION_NAMES = ("/rot000", "/rot090", "/rot180", "/rot270")
 
 
+# the lake splits each folder serves (what verify can check when the other is absent)
+LAKE_SPLITS = {"background": ("train", "val", "background"), "evaluation": ("test", "evaluation")}
+
+
 def _folder(root: Path, which: str) -> Path:
     path = root / FOLDERS[which]
-    if not path.is_dir():
-        raise DataError(f"omniglot: {path} is absent; unpack Omniglot's {FOLDERS[which]}.zip "
-                        f"there (<Alphabet>/<character>/*.png) or choose another split")
-    return path
+    if path.is_dir():
+        return path
+    present = [w for w in FOLDERS if (root / FOLDERS[w]).is_dir()]
+    if not present:  # a wrong root, not a missing half of the dataset
+        nested = [p for p in (root / "omniglot", root / "omniglot_resized")
+                  if any((p / f).is_dir() for f in FOLDERS.values())]
+        hint = f" (did you mean {nested[0]}?)" if nested else ""
+        raise DataError(f"omniglot: {root} holds neither images_background/ nor "
+                        f"images_evaluation/; set data.root (--root) to the folder that holds "
+                        f"them{hint}")
+    other = present[0]
+    splits = ",".join(LAKE_SPLITS[other][:2] if other == "background" else LAKE_SPLITS[other])
+    run_hint = "; in a run, --set eval.split=val" if other == "background" else ""
+    raise DataError(f"omniglot: {path} is absent; unpack Omniglot's {FOLDERS[which]}.zip there "
+                    f"(<Alphabet>/<character>/*.png), or use only the splits of "
+                    f"{FOLDERS[other]}/ (mtl data verify omniglot --splits {splits}{run_hint})")
 
 
 def _alphabets(folder: Path, only=None, exclude=()) -> dict[str, list[Path]]:

@@ -78,6 +78,9 @@ def verify_dataset(cfg: DataConfig, splits: list[str] | None = None,
             if shared:
                 problems.append(f"{a} and {b} share {len(shared)} classes (first: {shared[0]}); "
                                 f"few-shot splits must be disjoint")
+    if errors and names:  # e.g. Omniglot with images_background/ only
+        lines.append(f"  readable: {', '.join(names)} (check only those with --splits "
+                     f"{','.join(names)})")
     if problems:
         lines.append(f"{len(problems)} problem{'s' if len(problems) > 1 else ''}:")
         lines += [f"  - {p}" for p in problems]
