@@ -84,10 +84,11 @@ def resize_pil(image: Image.Image, size: int, policy: str = DIRECT) -> Image.Ima
             image = image.resize((size, size), Image.Resampling.LANCZOS)
         return image
     check_policy(policy, size)
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as tvf
+    from .versions import torchvision_module
 
-    image = tvf.resize(image, n, interpolation=InterpolationMode.BILINEAR)
+    tv = torchvision_module("torchvision.transforms")
+    tvf = torchvision_module("torchvision.transforms.functional")
+    image = tvf.resize(image, n, interpolation=tv.InterpolationMode.BILINEAR)
     return tvf.center_crop(image, [size, size])
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
 
+from ..versions import torchvision_module
 from .base import ImageSplit
+
+v2 = torchvision_module("torchvision.transforms.v2")  # a torch/torchvision mismatch: one line
 
 
 def gather_uint8(split: ImageSplit, indices: np.ndarray, device: torch.device) -> torch.Tensor:
