@@ -257,6 +257,34 @@ def test_phase_commands_resume_after_sigint(tmp_path, reference, monkeypatch, ca
         torch.set_num_threads(threads)
 
 
+def test_resume_after_an_epochs_last_step_says_so(tmp_path, reference, monkeypatch, caplog):
+    """Stopped right after epoch 1's last step (9 steps per epoch): the resume continues
+    with that epoch's validation, and says so (it used to log "step 10")."""
+
+    class SignalAt(CheckpointSchedule):
+        def due(self, global_step: int) -> bool:
+            if global_step == 9:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().due(global_step)
+
+    monkeypatch.setattr(training_mod, "CheckpointSchedule", SignalAt)
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        assert cli(["pretrain", "--quiet", *sets(overrides(out))]) == 130
+        state = RunDir(out).load_state("pretrain")
+        assert (state["epoch"], state["step"], state["done"]) == (0, 9, False)
+        monkeypatch.setattr(training_mod, "CheckpointSchedule", CheckpointSchedule)
+        with caplog.at_level(logging.INFO, logger="metatransfer"):
+            assert cli(["pretrain", "--quiet", "--resume", str(out)]) == 0
+        assert "resuming pre-training after the last step of epoch 1: its validation is " \
+               "next" in caplog.text
+        assert "step 10" not in caplog.text
+        assert_same_phase(out, reference, "pretrain")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_second_signal_stops_at_once():
     stop = StopRequest().arm()
     try:

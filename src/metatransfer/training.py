@@ -298,8 +298,7 @@ class TrainingLoop:
         # running sums are rank 0's own: on several ranks a resumed epoch's train metrics
         # cover rank 0's share before the interruption (a logging detail only)
         self._totals = state.get("totals") if self.start_step and self.run_dir.is_main else None
-        log.info("resuming %s at epoch %d, step %d (1-based)",
-                 self.title, self.epoch + 1, self.start_step + 1)
+        # logged by run(), which knows the epoch's length
 
     # ------------------------------------------------------------- running
     def _save(self, step_in_epoch: int, epoch: int, done: bool = False,
@@ -363,6 +362,13 @@ class TrainingLoop:
         stop = stop_request()
         run, guard, optimizer = self.run_dir, self.guard, self.optimizer
         per_step = steps_per_epoch
+        if self.resuming:
+            if self.start_step >= per_step:  # stopped after an epoch's last step
+                log.info("resuming %s after the last step of epoch %d: its validation is next",
+                         self.title, self.epoch + 1)
+            else:
+                log.info("resuming %s at epoch %d, step %d (1-based)",
+                         self.title, self.epoch + 1, self.start_step + 1)
 
         if validate_start and not self.resuming and self.epochs > 0:
             val_acc, val_ci = validate()
