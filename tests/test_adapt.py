@@ -262,6 +262,30 @@ def test_warns_when_images_are_unlike_the_training_images(tmp_path):
     assert domain_warning(mini, [photo]) is None
 
 
+def test_a_truncated_jpeg_is_the_only_message(run_dir, toy_test, tmp_path, capsys, caplog):
+    """A colour JPEG cut short in the support folder of a grayscale model: the error names
+    the file; no 'converted to grayscale' warning comes first (it used to)."""
+    import io
+    import logging
+
+    rng = np.random.default_rng(1)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).save(buf, format="JPEG")
+    support = support_folder(tmp_path / "support", toy_test, {0: [0], 1: [30]})
+    whole = buf.getvalue()
+    (support / toy_test.class_names[0] / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    query = write_png(tmp_path / "q.png", toy_test.images[1])
+    with caplog.at_level(logging.WARNING, logger="metatransfer"):
+        code, _, err = run_cli(["adapt", "--checkpoint", str(run_dir), "--device", "cpu",
+                                "--support", str(support), "--query", str(query)], capsys)
+    assert code == 2 and "cut.jpg cannot be decoded" in err
+    assert "grayscale" not in caplog.text and "grayscale" not in err
+    # control: the header alone would have drawn the warning, had it been checked first
+    gray = ModelInfo(backbone="conv4", in_channels=1, image_size=16)
+    assert "converted to grayscale" in domain_warning(gray, [support / toy_test.class_names[0]
+                                                             / "cut.jpg"])
+
+
 def test_api_errors(run_dir, toy_test):
     clf = FewShotClassifier.from_checkpoint(run_dir, device="cpu")
     img = toy_test.images[0]
