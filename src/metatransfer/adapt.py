@@ -248,7 +248,11 @@ class FewShotClassifier:
         return decoding_of(self.info)
 
     def preprocess(self, images: Iterable[ImageLike], what: str = "image") -> np.ndarray:
-        """``(n, size, size, channels)`` uint8, exactly as the training data was prepared."""
+        """``(n, size, size, channels)`` uint8, exactly as the training data was prepared.
+
+        Arrays, tensors and PIL images are images as stored, like files: they get every
+        step of :attr:`decoding`, the ink inversion of an Omniglot model included (rows
+        of a split its loader already inverted are not raw images)."""
         steps = self.decoding
         items = _as_list(images)
         if not items:
