@@ -92,16 +92,6 @@ def resize_pil(image: Image.Image, size: int, policy: str = DIRECT) -> Image.Ima
     return tvf.center_crop(image, [size, size])
 
 
-def resize_array(image: np.ndarray, size: int, policy: str = DIRECT) -> np.ndarray:
-    """``(h, w, c)`` or ``(h, w)`` uint8 -> ``(size, size, c)`` uint8 under ``policy``."""
-    if policy in ("", DIRECT) and image.shape[:2] == (size, size):
-        return image
-    squeeze = image.ndim == 3 and image.shape[2] == 1
-    pil = Image.fromarray(image[:, :, 0] if squeeze else image)
-    out = np.asarray(resize_pil(pil, size, policy), dtype=np.uint8)
-    return out[:, :, None] if squeeze else out
-
-
 # ----------------------------------------------------------------------------- decoding
 
 
