@@ -339,11 +339,25 @@ def cmd_data_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
+    from . import importers_timm
     from .importers import IMPORT_FORMATS, main_import
 
     if args.list:
         for name, fmt in IMPORT_FORMATS.items():
             print(f"{name:18s} {fmt.description} -> {fmt.backbone}")
+        for name, text in importers_timm.formats().items():
+            print(f"{name:18s} {text} -> timm")
+        return
+    if args.format in importers_timm.formats():  # ImageNet networks: PATH is optional
+        if not args.out:
+            raise ConfigError(f"usage: mtl import {args.format} "
+                              + ("NAME --weights FILE" if args.format == "timm" else
+                                 "[--weights FILE]") + " --out FILE")
+        if len(args.path) > 1:
+            raise ConfigError(f"mtl import {args.format} takes one "
+                              + ("architecture name" if args.format == "timm" else "file"))
+        print(importers_timm.main_import(args.format, args.path[0] if args.path else None,
+                                         args.weights, args.out, args.image_size))
         return
     if not (args.format and args.path and args.out):
         raise ConfigError("usage: mtl import FORMAT PATH --out FILE (`mtl import --list` "
@@ -412,14 +426,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import", help="convert published weights to a metatransfer checkpoint")
     p.add_argument("format", nargs="?", help="a format from --list: authors-pretrain, "
-                   "authors-meta, authors-tf, feat or rfs")
+                   "authors-meta, authors-tf, feat, rfs, efficientnet-lite0 (-lite1, "
+                   "-lite2) or timm")
     p.add_argument("path", nargs="*", help="the file to convert (authors-tf: the folder of "
-                   "one setting, or its weights.npy, ss_weights.npy, fc_weights.npy)")
+                   "one setting, or its weights.npy, ss_weights.npy, fc_weights.npy; "
+                   "timm: the architecture's name; efficientnet-liteN: none, the installed "
+                   "weights package's file)")
+    p.add_argument("--weights", help="efficientnet-liteN: a weights file in the package's "
+                   "layout instead of the installed one; timm: the state-dict file")
     p.add_argument("--dataset", help="what the source was trained on, when it decides the "
                    "preprocessing: miniimagenet | tieredimagenet | cifarfs | fc100 (rfs: "
                    "read from the checkpoint's options)")
     p.add_argument("--image-size", type=int, help="the source's input size, when it was "
-                   "trained at another than its code's default")
+                   "trained at another than its code's default (ImageNet networks: the "
+                   "size to run them at, e.g. 128 on a CPU)")
     p.add_argument("--out", help="output checkpoint (.safetensors); required")
     p.add_argument("--list", action="store_true", help="list the formats and exit")
     p.set_defaults(func=cmd_import)

@@ -62,10 +62,14 @@ class DataConfig:
 class ModelConfig:
     """The backbone and how scaling and shifting (SS) attaches to it."""
 
-    backbone: str = "conv4"  # conv4 | resnet12 | resnet12-tf | resnet25
-    backbone_args: dict = field(default_factory=dict)  # extra keyword arguments, e.g. width
+    # conv4 | resnet12 | resnet12-tf | resnet25 | timm:<name> (any timm architecture)
+    backbone: str = "conv4"
+    # extra keyword arguments, e.g. {width: 64}; for timm:<name>, timm.create_model's
+    backbone_args: dict = field(default_factory=dict)
     ss_granularity: Literal["kernel", "channel"] = "kernel"  # SS per 3×3 kernel or per channel
-    ss_scope: Literal["all", "last"] = "all"  # 'last' = SS on the last stage only
+    # which layers get SS: all | last (the last stage) | glob patterns on layer names,
+    # comma-separated (e.g. model.blocks.6*,model.conv_head)
+    ss_scope: str = "all"
     ss_bn_affine: bool = False  # also meta-learn BN affine parameters
 
 
@@ -496,6 +500,8 @@ def validate(cfg: RunConfig) -> None:
     if cfg.meta.forward_chunk > 0 and cfg.meta.bn_mode == "train":
         raise ConfigError("'meta.forward_chunk' > 0 would split BatchNorm batch statistics; "
                           "use it with meta.bn_mode=eval, or set meta.forward_chunk=0")
+    if not cfg.model.ss_scope.strip():
+        raise ConfigError("'model.ss_scope' must be all, last or layer-name patterns")
     if cfg.meta.ways < 2:
         raise ConfigError(f"'meta.ways' must be at least 2, got {cfg.meta.ways}")
     if cfg.data.channels not in (0, 1, 3):

@@ -25,7 +25,10 @@ Resize policies (``resize``):
   84x84 miniImageNet files were made with, and what this project trains with;
 - ``crop:N``: the shorter side to ``N`` (bilinear, aspect kept), then the central
   ``size x size`` crop: torchvision's ``Resize(N)`` then ``CenterCrop(size)``, the test
-  transform of the MTL authors' PyTorch code (``N=92``, 80 px) and of FEAT (92, 84 px).
+  transform of the MTL authors' PyTorch code (``N=92``, 80 px) and of FEAT (92, 84 px);
+- either with ``:<interpolation>`` appended (``lanczos``, ``bilinear``, ``bicubic``) to
+  resample otherwise: ``crop:256:bicubic`` at 224 px is timm's ImageNet test transform
+  of EfficientNet-Lite (bicubic, crop fraction 0.875).
 """
 
 from __future__ import annotations
@@ -43,23 +46,42 @@ from .errors import ConfigError, MTLError
 log = logging.getLogger(__name__)
 
 DIRECT = "direct"
+INTERPOLATIONS = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR,
+                  "bicubic": Image.Resampling.BICUBIC}
+_DEFAULT_INTERPOLATION = {DIRECT: "lanczos", "crop": "bilinear"}
+
+
+def _split_policy(policy: str) -> tuple[int, str]:
+    """``(N, interpolation)`` of a policy: N = 0 for ``direct``; ConfigError if malformed."""
+    parts = (policy or DIRECT).split(":")
+    kind = parts[0]
+    if kind == DIRECT and len(parts) <= 2:
+        size, rest = 0, parts[1:]
+    elif kind == "crop" and len(parts) in (2, 3) and parts[1].isdigit() and int(parts[1]) > 0:
+        size, rest = int(parts[1]), parts[2:]
+    else:
+        raise ConfigError(f"unknown resize policy '{policy}'; use 'direct' (whole image to the "
+                          "input size) or 'crop:N' (shorter side to N, then the centre crop), "
+                          "optionally with ':bicubic', ':bilinear' or ':lanczos'")
+    interpolation = rest[0] if rest else _DEFAULT_INTERPOLATION[kind]
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"resize policy '{policy}': unknown interpolation '{interpolation}'; "
+                          f"use one of {', '.join(INTERPOLATIONS)}")
+    return size, interpolation
 
 
 def parse_resize(policy: str) -> int:
-    """The ``N`` of ``crop:N``, 0 for ``direct``; anything else is a ConfigError."""
-    if policy in ("", DIRECT):
-        return 0
-    kind, _, size = policy.partition(":")
-    if kind == "crop" and size.isdigit() and int(size) > 0:
-        return int(size)
-    raise ConfigError(f"unknown resize policy '{policy}'; use 'direct' (whole image to the "
-                      "input size) or 'crop:N' (shorter side to N, then the centre crop)")
+    """The ``N`` of ``crop:N[:interp]``, 0 for ``direct[:interp]``; else a ConfigError."""
+    return _split_policy(policy)[0]
 
 
 def canonical_resize(policy: str) -> str:
-    """``direct`` or ``crop:N`` (validated)."""
-    n = parse_resize(policy)
-    return f"crop:{n}" if n else DIRECT
+    """``direct`` or ``crop:N`` with the interpolation named only when it is not the
+    policy's default (validated), so existing policies and cache keys stay as they were."""
+    n, interpolation = _split_policy(policy)
+    base = f"crop:{n}" if n else DIRECT
+    default = _DEFAULT_INTERPOLATION["crop" if n else DIRECT]
+    return base if interpolation == default else f"{base}:{interpolation}"
 
 
 def cache_key_policy(policy: str) -> dict[str, str]:
@@ -78,17 +100,17 @@ def check_policy(policy: str, size: int) -> None:
 
 def resize_pil(image: Image.Image, size: int, policy: str = DIRECT) -> Image.Image:
     """Resize a decoded image to ``size x size`` under ``policy`` (see module docstring)."""
-    n = parse_resize(policy)
+    n, interpolation = _split_policy(policy)
     if not n:
         if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.LANCZOS)
+            image = image.resize((size, size), INTERPOLATIONS[interpolation])
         return image
     check_policy(policy, size)
     from .versions import torchvision_module
 
     tv = torchvision_module("torchvision.transforms")
     tvf = torchvision_module("torchvision.transforms.functional")
-    image = tvf.resize(image, n, interpolation=tv.InterpolationMode.BILINEAR)
+    image = tvf.resize(image, n, interpolation=tv.InterpolationMode(interpolation))
     return tvf.center_crop(image, [size, size])
 
 
@@ -130,7 +152,7 @@ class Decoding:
         already in the row's shape is only given the value steps (no resampling)."""
         have = 1 if array.ndim == 2 else array.shape[2]
         if have == self.channels and array.shape[:2] == (self.size, self.size) \
-                and self.resize == DIRECT:
+                and parse_resize(self.resize) == 0:
             return self.pixels(array.reshape(self.size, self.size, self.channels))
         if array.ndim == 3 and have == 1:
             array = array[:, :, 0]

@@ -1,8 +1,9 @@
 """Backbone registry (timm style): ``@register_backbone`` and ``create_backbone(name, **kw)``.
 
 Every backbone maps ``(batch, channels, h, w)`` images to ``(batch, out_dim)`` features,
-works at any input size (adaptive pooling), builds all convs as :class:`SSConv2d`, and
-exposes ``stages()`` so SS can be limited to the last stage.
+works at any input size (adaptive pooling) and exposes ``stages()`` so SS can be limited
+to the last stage. The built-in ones build all convs as :class:`SSConv2d`; ``timm:<name>``
+wraps any timm network, to which SS is attached when it is enabled.
 """
 
 from __future__ import annotations
@@ -34,9 +35,15 @@ def backbone_names() -> list[str]:
 
 
 def create_backbone(name: str, **kwargs) -> nn.Module:
-    """Build a registered backbone; unknown names list the valid ones."""
+    """Build a registered backbone, or ``timm:<name>`` (any timm architecture, see
+    :mod:`.timm_backbone`); unknown names list the valid ones."""
+    if name.startswith("timm:"):
+        from .timm_backbone import create_timm_backbone
+
+        return create_timm_backbone(name, **kwargs)
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown backbone '{name}'; choose one of {', '.join(backbone_names())}")
+        raise ConfigError(f"unknown backbone '{name}'; choose one of {', '.join(backbone_names())}"
+                          ", or timm:<name> for a timm architecture")
     factory = _REGISTRY[name]
     target = factory.__init__ if isinstance(factory, type) else factory
     accepted = inspect.signature(target).parameters

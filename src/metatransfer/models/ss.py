@@ -2,12 +2,23 @@
 
 ``SS(X; W, b; Phi_S1, Phi_S2) = (W * Phi_S1) conv X + (b + Phi_S2)`` with W and b frozen.
 Phi_S1 starts at 1 and Phi_S2 at 0, so an SS network at initialisation is exactly the
-pre-trained one. Every conv of every backbone is an :class:`SSConv2d`; SS parameters exist
-only after :func:`enable_ss`, so a plain backbone's state dict has no SS keys.
+pre-trained one. SS parameters exist only after :func:`enable_ss`, so a plain backbone's
+state dict has no SS keys; they sit beside each ``weight`` as ``ss_scale``/``ss_shift``.
+
+Two kinds of module carry SS:
+
+- :class:`SSConv2d`, the conv every built-in backbone is made of (one fused ``conv2d``);
+- any other ``nn.Conv2d`` (subclasses such as timm's TF-"same" conv included, grouped and
+  depthwise too) or ``nn.Linear`` of a network built elsewhere: :func:`make_ss_capable`
+  gives it SS in place (its class becomes a subclass of its own class, so ``isinstance``,
+  its forward and its state-dict keys stay). A conv's Phi_S1 is one scalar per kernel,
+  ``(C_out, C_in / groups, 1, 1)`` (or per output channel); a ``Linear`` gets one scale
+  and one shift per output feature, the SSF form (Lian et al., NeurIPS 2022).
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterable, Iterator
 from typing import Literal
 
@@ -16,37 +27,52 @@ import torch.nn.functional as F
 from torch import nn
 
 Granularity = Literal["kernel", "channel"]
+GRANULARITIES = ("kernel", "channel")
 
 
-class SSConv2d(nn.Conv2d):
-    """A ``Conv2d`` that can be scaled and shifted by meta-learned parameters."""
+class ScaleShift:
+    """What every SS-capable layer has: ``ss_scale`` (Phi_S1), ``ss_shift`` (Phi_S2)."""
 
     ss_scale: nn.Parameter | None
     ss_shift: nn.Parameter | None
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.ss_scale = None
-        self.ss_shift = None
+    weight: nn.Parameter
+    bias: nn.Parameter | None
 
     @property
     def ss_enabled(self) -> bool:
         return self.ss_scale is not None
 
-    def enable_ss(self, granularity: Granularity = "kernel") -> list[nn.Parameter]:
-        """Add Phi_S1 (per kernel ``(out, in, 1, 1)`` or per channel ``(out, 1, 1, 1)``)
-        and Phi_S2 ``(out,)``; freeze W and b. Returns the new parameters."""
-        out_ch, in_ch = self.weight.shape[:2]
-        shape = (out_ch, in_ch, 1, 1) if granularity == "kernel" else (out_ch, 1, 1, 1)
-        if granularity not in ("kernel", "channel"):
+    def ss_scale_shape(self, granularity: Granularity) -> tuple[int, ...]:
+        """Phi_S1's shape: per kernel ``(out, in/groups, 1, 1)`` or per channel
+        ``(out, 1, 1, 1)`` for a conv; ``(out, 1)`` for a linear layer (either way)."""
+        if granularity not in GRANULARITIES:
             raise ValueError(f"SS granularity must be 'kernel' or 'channel', got {granularity}")
+        out_ch, in_ch = self.weight.shape[:2]
+        if self.weight.dim() == 2:
+            return (out_ch, 1)
+        rest = (1,) * (self.weight.dim() - 2)
+        return (out_ch, in_ch if granularity == "kernel" else 1, *rest)
+
+    def enable_ss(self, granularity: Granularity = "kernel") -> list[nn.Parameter]:
+        """Add Phi_S1 = 1 and Phi_S2 = 0 ``(out,)``; freeze W and b. Returns the new
+        parameters."""
+        shape = self.ss_scale_shape(granularity)
         device, dtype = self.weight.device, self.weight.dtype
         self.ss_scale = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
-        self.ss_shift = nn.Parameter(torch.zeros(out_ch, device=device, dtype=dtype))
+        self.ss_shift = nn.Parameter(torch.zeros(shape[0], device=device, dtype=dtype))
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
         return [self.ss_scale, self.ss_shift]
+
+
+class SSConv2d(ScaleShift, nn.Conv2d):
+    """A ``Conv2d`` that can be scaled and shifted by meta-learned parameters."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ss_scale = None
+        self.ss_shift = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ss_scale is None:
@@ -56,41 +82,121 @@ class SSConv2d(nn.Conv2d):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def ss_convs(module: nn.Module) -> Iterator[SSConv2d]:
-    return (m for m in module.modules() if isinstance(m, SSConv2d))
+class _AttachedSS(ScaleShift):
+    """SS attached to a layer of any class: its own forward runs with ``W * Phi_S1`` in
+    place of ``W``, then Phi_S2 is added to every output channel / feature (the same as
+    adding it to the bias)."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.ss_scale is None:
+            return super().forward(x, *args, **kwargs)
+        frozen = self._parameters["weight"]
+        # the layer's own forward reads self.weight: hand it the scaled tensor for this call
+        self._parameters["weight"] = frozen * self.ss_scale
+        try:
+            out = super().forward(x, *args, **kwargs)
+        finally:
+            self._parameters["weight"] = frozen
+        if frozen.dim() == 2:  # linear: (..., out)
+            return out + self.ss_shift
+        return out + self.ss_shift.view(-1, *(1,) * (frozen.dim() - 2))
+
+
+_ATTACHED: dict[type, type] = {}
+
+
+def _attached_class(cls: type) -> type:
+    if cls not in _ATTACHED:
+        _ATTACHED[cls] = type(f"SS{cls.__name__}", (_AttachedSS, cls),
+                              {"__module__": __name__, "__qualname__": f"SS{cls.__name__}"})
+    return _ATTACHED[cls]
+
+
+def ss_capable(module: nn.Module) -> bool:
+    """Layers SS can be attached to: every conv (any ``nn.Conv2d``) and ``nn.Linear``."""
+    return isinstance(module, (ScaleShift, nn.Conv2d, nn.Linear))
+
+
+def make_ss_capable(module: nn.Module) -> Iterator[ScaleShift]:
+    """Give every conv / linear layer in ``module`` (itself included) SS, in place, and
+    yield them. Built-in :class:`SSConv2d` layers are left as they are."""
+    for m in module.modules():
+        if isinstance(m, ScaleShift):
+            yield m
+        elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.__class__ = _attached_class(type(m))
+            m.ss_scale = None
+            m.ss_shift = None
+            yield m
+
+
+def ss_modules(module: nn.Module) -> Iterator[ScaleShift]:
+    """The SS-capable layers of ``module`` (after :func:`make_ss_capable` for networks
+    not built from :class:`SSConv2d`)."""
+    return (m for m in module.modules() if isinstance(m, ScaleShift))
+
+
+ss_convs = ss_modules  # the name the built-in backbones' tests and tools use
+
+
+def scope_targets(backbone: nn.Module, scope: str) -> list[nn.Module]:
+    """The sub-modules SS covers: ``all`` (the whole backbone), ``last`` (its last stage,
+    ``backbone.stages()[-1]``) or comma-separated glob patterns on module names as in
+    ``backbone.named_modules()`` (e.g. ``model.blocks.5*,model.conv_head``)."""
+    if scope == "all":
+        return [backbone]
+    if scope == "last":
+        if not hasattr(backbone, "stages"):
+            raise ValueError(f"{type(backbone).__name__} has no stages; use an SS scope of "
+                             "'all' or a module-name pattern")
+        return [backbone.stages()[-1]]
+    patterns = [p.strip() for p in scope.split(",") if p.strip()]
+    if not patterns:
+        raise ValueError("SS scope must be 'all', 'last' or module-name patterns")
+    named = list(backbone.named_modules())
+    chosen = [m for name, m in named if name and any(fnmatch.fnmatchcase(name, p)
+                                                     for p in patterns)]
+    if not any(ss_capable(x) for m in chosen for x in m.modules()):
+        examples = ", ".join(name for name, m in named if name and ss_capable(m))
+        raise ValueError(f"SS scope '{scope}' matches no conv or linear layer; layer names "
+                         f"look like: {examples[:300]}")
+    return chosen
 
 
 def enable_ss(
     backbone: nn.Module,
     granularity: Granularity = "kernel",
-    scope: Literal["all", "last"] = "all",
+    scope: str = "all",
     bn_affine: bool = False,
 ) -> list[nn.Parameter]:
-    """Freeze the whole backbone, then add SS to its convs (all, or the last stage only).
+    """Freeze the whole backbone, then add SS to the conv (and linear) layers of ``scope``
+    (see :func:`scope_targets`).
 
     Returns the meta-learnable parameters: the SS parameters, plus BN affine parameters of
-    the same scope when ``bn_affine`` is set.
+    the same scope when ``bn_affine`` is set. Layers already carrying SS (restored from a
+    checkpoint) keep their values.
     """
     for p in backbone.parameters():
         p.requires_grad_(False)
-    if scope == "all":
-        targets: Iterable[nn.Module] = [backbone]
-    elif scope == "last":
-        targets = [backbone.stages()[-1]]
-    else:
-        raise ValueError(f"SS scope must be 'all' or 'last', got {scope}")
+    targets: Iterable[nn.Module] = scope_targets(backbone, scope)
     params: list[nn.Parameter] = []
+    seen: set[int] = set()
     for target in targets:
-        for conv in ss_convs(target):
-            if conv.ss_enabled:  # restored from a checkpoint: keep its values
-                conv.ss_scale.requires_grad_(True)
-                conv.ss_shift.requires_grad_(True)
-                params.extend([conv.ss_scale, conv.ss_shift])
+        for layer in make_ss_capable(target):
+            if id(layer) in seen:  # nested patterns name a layer twice
+                continue
+            seen.add(id(layer))
+            if layer.ss_enabled:
+                layer.ss_scale.requires_grad_(True)
+                layer.ss_shift.requires_grad_(True)
+                params.extend([layer.ss_scale, layer.ss_shift])
             else:
-                params.extend(conv.enable_ss(granularity))
+                params.extend(layer.enable_ss(granularity))
         if bn_affine:
             for m in target.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
+                        and id(m) not in seen):
+                    seen.add(id(m))
                     m.weight.requires_grad_(True)
                     m.bias.requires_grad_(True)
                     params.extend([m.weight, m.bias])
@@ -103,11 +209,18 @@ def ss_state_keys(backbone: nn.Module) -> list[str]:
 
 
 def restore_ss_layout(backbone: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Enable SS on exactly the convs whose SS tensors appear in ``state``, before loading.
+    """Enable SS on exactly the layers whose SS tensors appear in ``state``, before loading.
 
     Lets a checkpoint rebuild its own SS layout (scope and granularity) without a config.
     """
-    for name, module in backbone.named_modules():
-        if isinstance(module, SSConv2d) and f"{name}.ss_scale" in state:
-            shape = state[f"{name}.ss_scale"].shape
-            module.enable_ss("channel" if shape[1] == 1 and module.in_channels > 1 else "kernel")
+    wanted = {k[: -len(".ss_scale")] for k in state if k.endswith(".ss_scale")}
+    if not wanted:
+        return
+    for name, module in list(backbone.named_modules()):
+        if name not in wanted:
+            continue
+        layer = next(make_ss_capable(module)) if not isinstance(module, ScaleShift) else module
+        shape = state[f"{name}.ss_scale"].shape
+        fan_in = layer.weight.shape[1]
+        per_channel = layer.weight.dim() > 2 and shape[1] == 1 and fan_in > 1
+        layer.enable_ss("channel" if per_channel else "kernel")
