@@ -56,6 +56,10 @@ class DataConfig:
     # draws its episodes from (0 = both phases use every train class): SS then learns to
     # adapt to classes the frozen backbone has not fitted, as it must at test time
     meta_holdout: float = 0.0
+    # share of the train split's class groups (Omniglot: whole alphabets) set apart for
+    # checkpoint selection, which then never sees data.val_split: for data whose only
+    # other split is the one reported (0 = select on data.val_split)
+    selection_holdout: float = 0.0
 
 
 @dataclass
@@ -78,6 +82,8 @@ class PretrainConfig:
     """Phase 1: cross-entropy on all base classes."""
 
     epochs: int = 10  # passes over the base classes
+    # seed of this phase (weights, batch order, augmentation); null = the run's seed
+    seed: int | None = None
     batch_size: int = 128  # global batch: all torchrun processes together
     lr: float = 0.1  # for the global batch (unchanged by the number of processes)
     momentum: float = 0.9  # SGD momentum
@@ -100,6 +106,9 @@ class MetaConfig:
     """Phase 2: meta-transfer learning of SS and theta_0, with hard tasks."""
 
     epochs: int = 6  # meta-training epochs
+    # seed of this phase (tasks, hard tasks); null = the run's seed, so that one pre-training
+    # can be meta-trained with several seeds
+    seed: int | None = None
     episodes_per_epoch: int = 50  # meta-batches per epoch
     ways: int = 5  # ways of the training tasks
     shots: int = 1  # shots of the training tasks
@@ -507,10 +516,19 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.channels not in (0, 1, 3):
         raise ConfigError(f"'data.channels' must be 0 (the dataset's or a checkpoint's), 1 or "
                           f"3, got {cfg.data.channels}")
+    if not 0 <= cfg.data.selection_holdout < 1:
+        raise ConfigError(f"'data.selection_holdout' must lie in [0, 1), got "
+                          f"{cfg.data.selection_holdout}")
     if not 0 <= cfg.data.meta_holdout < 1:
         raise ConfigError(f"'data.meta_holdout' must lie in [0, 1), got {cfg.data.meta_holdout}")
     if not 0 <= cfg.pretrain.gamma <= 1 or not 0 <= cfg.meta.gamma <= 1:
         raise ConfigError("'gamma' (learning-rate decay) must lie in [0, 1]")
+
+
+def phase_seed(cfg: RunConfig, phase: str) -> int:
+    """The seed of ``phase`` (``pretrain`` or ``meta``): its own when set, else ``seed``."""
+    own = getattr(cfg, phase).seed
+    return cfg.seed if own is None else int(own)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -142,10 +142,59 @@ def class_share(split: ImageSplit, share: float, phase: str) -> ImageSplit:
     if share <= 0:
         return split
     classes = phase_classes(split, share, phase)
+    return subset_classes(split, classes, f"{split.name}[{phase} classes]")
+
+
+# ------------------------------------------------------------------ selection classes
+
+_SELECTION_SEED = 20200401  # fixed, and apart from the meta-holdout's
+
+
+def selection_group(class_name: str) -> str:
+    """The unit classes are set apart in for checkpoint selection: the part of the name
+    before the first ``/`` (Omniglot's ``Alphabet/character``: a whole alphabet, as new
+    alphabets are what is reported), else the class itself."""
+    return _VARIANT.sub("", class_name).split("/", 1)[0]
+
+
+def selection_mask(class_names: list[str], share: float) -> np.ndarray:
+    """``(num_classes,)`` bool: the training classes set apart for selection
+    (``data.selection_holdout``): ``round(share * groups)`` groups, at least one, at least
+    one left, chosen by a fixed seed (a property of the data, not of the run)."""
+    groups = list(dict.fromkeys(selection_group(n) for n in class_names))
+    if share <= 0:
+        return np.zeros(len(class_names), dtype=bool)
+    if len(groups) < 2:
+        raise DataError(f"data.selection_holdout={share} needs at least 2 class groups in the "
+                        f"training split, found {len(groups)}")
+    count = min(max(1, round(share * len(groups))), len(groups) - 1)
+    order = np.random.default_rng([len(groups), _SELECTION_SEED]).permutation(len(groups))
+    out = {groups[i] for i in order[:count]}
+    return np.array([selection_group(n) in out for n in class_names], dtype=bool)
+
+
+def subset_classes(split: ImageSplit, classes: np.ndarray, name: str) -> ImageSplit:
+    """``split`` restricted to ``classes`` (relabelled ``0 .. len(classes) - 1``)."""
+    classes = np.asarray(classes, dtype=np.int64)
     keep = np.flatnonzero(np.isin(split.labels, classes))
     relabel = np.full(split.num_classes, -1, dtype=np.int64)
     relabel[classes] = np.arange(len(classes))
     return dataclasses.replace(
         split, images=np.ascontiguousarray(split.images[keep]),
         labels=relabel[split.labels[keep]], class_names=[split.class_names[c] for c in classes],
-        name=f"{split.name}[{phase} classes]")
+        name=name)
+
+
+def selection_share(split: ImageSplit, share: float) -> tuple[ImageSplit, ImageSplit]:
+    """``(training part, selection part)`` of a training split under
+    ``data.selection_holdout``: selection gets the held-out groups' classes as drawn
+    (without the rotated copies ``data.rotations`` adds, like any val or test split),
+    training keeps every other class. Neither phase trains on a selection class, so the
+    val split stays unseen for the report."""
+    mask = selection_mask(split.class_names, share)
+    plain = np.array([not _VARIANT.search(n) or n.endswith("/rot000")
+                      for n in split.class_names])
+    rest = subset_classes(split, np.flatnonzero(~mask), f"{split.name}[training classes]")
+    chosen = subset_classes(split, np.flatnonzero(mask & plain),
+                            f"{split.name}[selection classes]")
+    return rest, chosen
