@@ -153,6 +153,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .phases.meta_test import meta_test
     from .phases.meta_train import meta_train
     from .phases.pretrain import pretrain
+    from .results import write_timing
     from .runs import preflight
 
     cfg = resolve_run_config(args)
@@ -166,6 +167,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     meta = meta_train(cfg, run, device, pretrained, show)
     results = meta_test(cfg, run, device, meta, pretrained, show)
     results["run_seconds"] = round(time.perf_counter() - started, 1)
+    if run.is_main:  # meta-test wrote timing.json before the run's total was known
+        write_timing(run.path, results)
     print_results(run, results, f" ({results['run_seconds']:.0f} s)")
 
 
@@ -223,9 +226,11 @@ def cmd_meta_test(args: argparse.Namespace) -> None:
     explicit = args.out or any(o.strip().startswith("out=") for o in args.overrides)
     cfg = resolve_run_config(args)
     from .phases.meta_test import meta_test
+    from .results import RESULTS_JSON
+
     if explicit:
         out = Path(cfg.out)
-        for name in ("results.json", "config.yaml"):
+        for name in (RESULTS_JSON, "config.yaml"):
             if (out / name).exists():
                 raise ConfigError(f"{out} already holds {name} (a run or an earlier "
                                   "evaluation); choose another --out")
@@ -249,13 +254,9 @@ def cmd_meta_test(args: argparse.Namespace) -> None:
 
 def print_results(run, results: dict, suffix: str = "") -> None:
     """The accuracy table, the paired differences and where the results are; closes the run."""
-    from .phases.meta_test import comparisons_table, results_table
+    from .results import printout
 
-    say(results_table(results))
-    if results["comparisons"]:
-        say("\npaired differences (points, 95% CI; * = CI excludes 0):\n"
-            + comparisons_table(results["comparisons"]))
-    say(f"\nresults in {run.path / 'results.md'}{suffix}")
+    say(printout(results, run.path, suffix))
     run.close()
 
 

@@ -9,7 +9,6 @@ plain one-episode-at-a-time reference the fast path is tested against.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,66 +54,6 @@ class Embedder:
         self.backbone.train(was_training)
         feats = torch.cat(out) if out else torch.zeros(0, 0, device=self.device)
         return normalize_features(feats, self.feature_norm)
-
-
-def mean_ci95(accuracies: np.ndarray) -> tuple[float, float]:
-    """Mean accuracy and 95% CI half-width, in percent: ``1.96 * std / sqrt(n)``.
-
-    ``std`` is the sample standard deviation (ddof=1), 0 for a single episode.
-    """
-    acc = np.asarray(accuracies, dtype=np.float64) * 100.0
-    if len(acc) < 2:
-        return float(acc.mean()) if len(acc) else float("nan"), 0.0
-    return float(acc.mean()), float(1.96 * acc.std(ddof=1) / math.sqrt(len(acc)))
-
-
-def paired_difference(acc_a: np.ndarray, acc_b: np.ndarray) -> tuple[float, float]:
-    """Mean and 95% CI half-width of ``acc_a - acc_b`` per episode, in percentage points.
-
-    Two methods scored on the same episodes share each episode's difficulty, so the CI of
-    the per-episode difference is several times narrower than either method's own CI: it
-    is the one that says whether A beats B. Same convention as :func:`mean_ci95`.
-    """
-    a, b = np.asarray(acc_a, dtype=np.float64), np.asarray(acc_b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired accuracies need the same episodes; got {len(a)} and {len(b)}")
-    return mean_ci95(a - b)
-
-
-def setting_key(method: str, ways: int, shots: int) -> str:
-    """The key of one method's per-episode accuracies in one setting, e.g. ``mtl/5w1s``."""
-    return f"{method}/{ways}w{shots}s"
-
-
-def paired_row(acc_a: np.ndarray, acc_b: np.ndarray) -> dict:
-    """``acc_a - acc_b`` on their common prefix of episodes, as a comparison row's fields:
-    ``episodes`` (the prefix length), ``diff`` and ``ci95`` (:func:`paired_difference`,
-    rounded to 2 decimals) and ``significant`` (at least 2 episodes and ``|diff| > ci95``).
-    """
-    n = min(len(acc_a), len(acc_b))
-    diff, ci = paired_difference(acc_a[:n], acc_b[:n])
-    return {"episodes": n, "diff": round(diff, 2), "ci95": round(ci, 2),
-            "significant": bool(n >= 2 and abs(diff) > ci)}
-
-
-def comparison_rows(per_episode: dict[str, np.ndarray], pairs: list[tuple[str, str]],
-                    settings: list[tuple[int, int]]) -> list[dict]:
-    """Paired differences ``a - b`` for every pair and (ways, shots) both methods have.
-
-    ``per_episode`` maps :func:`setting_key` to accuracies of episodes ``0 .. n-1``; a method
-    scored on fewer episodes (``ft-all``) is compared on the common prefix, whose length is
-    recorded. Rounded like accuracies (2 decimals) so results stay byte-identical.
-    """
-    rows = []
-    for a, b in pairs:
-        for ways, shots in settings:
-            acc_a = per_episode.get(setting_key(a, ways, shots))
-            acc_b = per_episode.get(setting_key(b, ways, shots))
-            if acc_a is None or acc_b is None:
-                continue
-            rows.append({"a": a, "b": b, "ways": ways, "shots": shots,
-                         **paired_row(acc_a, acc_b)})
-    return rows
 
 
 def episode_ids(count: int, rank: int = 0, world: int = 1) -> np.ndarray:

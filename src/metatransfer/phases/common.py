@@ -10,8 +10,9 @@ from ..data.base import ImageSplit
 from ..data.episodes import EpisodeSampler
 from ..data.transforms import Normalizer
 from ..devices import autocast, autocast_enabled  # noqa: F401  (autocast: the phases' import)
-from ..evaluation import Embedder, evaluate_all_ranks, mean_ci95
+from ..evaluation import Embedder, evaluate_all_ranks
 from ..models import create_backbone
+from ..results import mean_ci95
 
 
 def use_amp(cfg: RunConfig, device: torch.device) -> bool:

@@ -17,7 +17,6 @@ unpaired ones; the per-episode accuracies go to ``episodes.json`` for later comp
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -39,15 +38,10 @@ from ..data import load_split
 from ..data.episodes import EpisodeSampler
 from ..devices import precision
 from ..errors import MTLError
-from ..evaluation import (
-    comparison_rows,
-    episode_ids,
-    evaluate_all_ranks,
-    mean_ci95,
-    setting_key,
-)
+from ..evaluation import episode_ids, evaluate_all_ranks
 from ..finetune import evaluate_ft_all
 from ..preprocessing import apply_stats, for_checkpoint
+from ..results import comparison_rows, result_row, setting_key, training_sizes, write_results
 from ..runs import RunDir
 from .common import make_embedder, prepare_backbone, use_amp
 
@@ -189,93 +183,3 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
     if run.is_main:
         write_results(run.path, results)
     return results
-
-
-def result_row(method: str, ways: int, shots: int, queries: int, acc) -> dict:
-    mean, ci = mean_ci95(acc)
-    log.info("%s %d-way %d-shot: %.2f%% ± %.2f", method, ways, shots, mean, ci)
-    return {"method": method, "ways": ways, "shots": shots, "queries": queries,
-            "episodes": int(len(acc)), "accuracy": round(mean, 2), "ci95": round(ci, 2)}
-
-
-def training_sizes(cfg: RunConfig) -> dict:
-    """The global batch sizes and learning rates of the run's training phases (they do not
-    depend on the number of processes: each process takes a share of every batch)."""
-    pc, mc = cfg.pretrain, cfg.meta
-    return {"pretrain_batch_size": pc.batch_size, "pretrain_lr": pc.lr,
-            "meta_batch": mc.meta_batch, "ht_tasks": mc.hard_tasks_per_batch,
-            "meta_lr_ss": mc.lr_ss, "meta_lr_head": mc.lr_head}
-
-
-def results_table(results: dict) -> str:
-    """Markdown table: one row per (ways, shots), one column per method."""
-    methods = list(dict.fromkeys(r["method"] for r in results["results"]))
-    settings = list(dict.fromkeys((r["ways"], r["shots"]) for r in results["results"]))
-    cell = {(r["method"], r["ways"], r["shots"]): r for r in results["results"]}
-    lines = ["| setting | " + " | ".join(methods) + " |",
-             "|---|" + "---|" * len(methods)]
-    for ways, shots in settings:
-        values = []
-        for m in methods:
-            r = cell.get((m, ways, shots))
-            values.append(f"{r['accuracy']:.2f} ± {r['ci95']:.2f}" if r else "–")
-        lines.append(f"| {ways}-way {shots}-shot | " + " | ".join(values) + " |")
-    return "\n".join(lines)
-
-
-def comparisons_table(comparisons: list[dict]) -> str:
-    """Markdown table of paired differences: one row per pair, one column per setting."""
-    if not comparisons:
-        return ""
-    pairs = list(dict.fromkeys((c["a"], c["b"]) for c in comparisons))
-    settings = list(dict.fromkeys((c["ways"], c["shots"]) for c in comparisons))
-    most = max(c["episodes"] for c in comparisons)
-    cell = {(c["a"], c["b"], c["ways"], c["shots"]): c for c in comparisons}
-    lines = ["| difference | " + " | ".join(f"{w}-way {s}-shot" for w, s in settings) + " |",
-             "|---|" + "---|" * len(settings)]
-    for a, b in pairs:
-        values = []
-        for ways, shots in settings:
-            c = cell.get((a, b, ways, shots))
-            if c is None:
-                values.append("–")
-                continue
-            fewer = f" ({c['episodes']} ep.)" if c["episodes"] < most else ""
-            star = " *" if c["significant"] else ""
-            values.append(f"{c['diff']:+.2f} ± {c['ci95']:.2f}{star}{fewer}")
-        lines.append(f"| {a} − {b} | " + " | ".join(values) + " |")
-    legend = ("Paired difference a − b of per-episode accuracy, in points, ± 95% CI; "
-              "`*`: the CI excludes 0.")
-    return "\n".join(lines) + "\n\n" + legend
-
-
-def write_episodes(folder: Path, per_episode: dict) -> None:
-    """``episodes.json``: per-episode accuracies, one line per method and setting (4
-    decimals: exact enough to pair this run with another scored on the same episodes)."""
-    lines = [f"{json.dumps(key)}: {json.dumps([round(float(x), 4) for x in acc])}"
-             for key, acc in per_episode.items()]
-    (folder / "episodes.json").write_text("{\n" + ",\n".join(lines) + "\n}\n")
-
-
-TIMING_KEYS = ("eval_seconds", "run_seconds")
-
-
-def write_results(folder: Path, results: dict) -> None:
-    """results.json holds only what the seed and config decide (byte-identical for a seed
-    on CPU, so runs can be diffed); wall-clock figures go to timing.json."""
-    timing = {k: results[k] for k in TIMING_KEYS if k in results}
-    kept = {k: v for k, v in results.items() if k not in (*TIMING_KEYS, "per_episode")}
-    (folder / "results.json").write_text(json.dumps(kept, indent=2))
-    (folder / "timing.json").write_text(json.dumps(timing, indent=2))
-    if "per_episode" in results:
-        write_episodes(folder, results["per_episode"])
-    episodes = results["results"][0]["episodes"] if results["results"] else 0
-    queries = results["results"][0]["queries"] if results["results"] else 0
-    text = (f"# Results: {results['dataset']} ({results['split']} split), "
-            f"{results['backbone']}\n\n"
-            f"Accuracy in % with 95% confidence interval over {episodes} episodes "
-            f"({queries} queries per class), the same episodes for every method.\n\n"
-            f"{results_table(results)}\n")
-    if results.get("comparisons"):
-        text += f"\n{comparisons_table(results['comparisons'])}\n"
-    (folder / "results.md").write_text(text)
