@@ -18,8 +18,8 @@ from metatransfer.devices import (
     precision,
     subnormals_flushed,
 )
+from metatransfer.embedding import Embedder
 from metatransfer.errors import ConfigError
-from metatransfer.evaluation import Embedder
 from metatransfer.models import create_backbone
 from metatransfer.phases.common import autocast
 from metatransfer.phases.meta_train import MetaLearner, task_losses

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import METHODS, RunConfig, load_config, preset_description, preset_names
+from .config import CONFIG_NAME, RunConfig, load_config, preset_description, preset_names
 from .errors import ConfigError, MTLError
+from .methods.registry import EMBED_ONCE_METHODS
 
 log = logging.getLogger("metatransfer")
 _current_run: list[str] = []  # the run directory in use, for the interrupt message
@@ -48,7 +49,7 @@ def add_config_options(parser: argparse.ArgumentParser, resume: bool = True) -> 
 def resolve_run_config(args: argparse.Namespace) -> RunConfig:
     """Config from --resume (the run's own config.yaml) or preset/file/overrides."""
     if args.resume:
-        saved = Path(args.resume) / "config.yaml"
+        saved = Path(args.resume) / CONFIG_NAME
         if not saved.is_file():
             raise ConfigError(f"{args.resume} is not a run directory (no config.yaml)")
         cfg = load_config(file=saved, overrides=args.overrides)
@@ -120,7 +121,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``adapt`` and ``serve``."""
     p.add_argument("--checkpoint", required=True,
                    help="run directory (meta_best, else pretrain_best) or .safetensors file")
-    p.add_argument("--method", choices=METHODS,
+    p.add_argument("--method", choices=EMBED_ONCE_METHODS,
                    help="mtl (SS + inner loop from theta_0), ft or protonet on pre-trained "
                         "features (default: mtl when the checkpoint is meta-trained)")
     p.add_argument("--device", default="auto",
@@ -183,15 +184,14 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_meta_train(args: argparse.Namespace) -> None:
+    from .checkpoints import PRETRAIN_NAME, resolve_checkpoint
     from .phases.meta_train import meta_train
-    from .phases.pretrain import BEST
 
     cfg = resolve_run_config(args)
-    pretrained = Path(args.pretrained) if args.pretrained else Path(cfg.out) / BEST
+    pretrained = Path(args.pretrained) if args.pretrained else Path(cfg.out) / PRETRAIN_NAME
     if not pretrained.exists():
         raise MTLError(f"pre-trained checkpoint {pretrained} not found; run `mtl pretrain` "
                        "first or pass --pretrained FILE")
-    from .checkpoints import resolve_checkpoint
 
     run, device = start(cfg)
     path = meta_train(cfg, run, device, resolve_checkpoint(pretrained), not args.quiet)
@@ -201,28 +201,17 @@ def cmd_meta_train(args: argparse.Namespace) -> None:
 
 def cmd_meta_test(args: argparse.Namespace) -> None:
     """Evaluate into a new directory: the evaluated run's files are never rewritten."""
-    from .checkpoints import PRETRAIN_NAME, check_checkpoint
+    from .loader import find_checkpoints
 
     source = Path(args.checkpoint)
-    meta_path = pretrained_path = None
-    if source.is_dir():  # a run directory: its best meta and pre-trained models
-        if (source / "meta_best.safetensors").is_file():
-            meta_path = check_checkpoint(source / "meta_best.safetensors")
-        if (source / PRETRAIN_NAME).is_file():
-            pretrained_path = check_checkpoint(source / PRETRAIN_NAME)
-        if meta_path is None and pretrained_path is None:
-            meta_path = check_checkpoint(source)  # a lone model.safetensors, or the error
-    else:
-        meta_path = check_checkpoint(source)
-    if args.pretrained:
-        pretrained_path = check_checkpoint(args.pretrained)
+    paths = find_checkpoints(source, args.pretrained)  # validated before anything is made
     if args.methods:
         args.overrides.append(f"eval.methods=[{args.methods}]")
     if args.episodes:
         args.overrides.append(f"eval.episodes={args.episodes}")
-    if source.is_dir() and (source / "config.yaml").is_file() \
+    if source.is_dir() and (source / CONFIG_NAME).is_file() \
             and not (args.preset or args.config):
-        args.config = str(source / "config.yaml")
+        args.config = str(source / CONFIG_NAME)
     explicit = args.out or any(o.strip().startswith("out=") for o in args.overrides)
     cfg = resolve_run_config(args)
     from .phases.meta_test import meta_test
@@ -230,7 +219,7 @@ def cmd_meta_test(args: argparse.Namespace) -> None:
 
     if explicit:
         out = Path(cfg.out)
-        for name in (RESULTS_JSON, "config.yaml"):
+        for name in (RESULTS_JSON, CONFIG_NAME):
             if (out / name).exists():
                 raise ConfigError(f"{out} already holds {name} (a run or an earlier "
                                   "evaluation); choose another --out")
@@ -239,7 +228,7 @@ def cmd_meta_test(args: argparse.Namespace) -> None:
     fresh = not Path(cfg.out).exists()
     try:
         run, device = start(cfg)
-        results = meta_test(cfg, run, device, meta_path, pretrained_path, not args.quiet)
+        results = meta_test(cfg, run, device, paths.meta, paths.pretrained, not args.quiet)
     except BaseException:
         from .distributed import is_main
 

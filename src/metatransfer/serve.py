@@ -44,12 +44,12 @@ def create_app(checkpoint: str | Path, method: str | None = None, device: str = 
     flask = _flask()
     from werkzeug.exceptions import RequestEntityTooLarge
 
-    from .adapt import available_methods, checkpoint_paths, load_classifiers, top_k
+    from .adapt import load_classifiers, top_k
+    from .loader import available_methods, find_checkpoints
 
     if max_upload_mb <= 0:
         raise MTLError("--max-upload-mb must be positive")
-    meta_path, pre_path = checkpoint_paths(checkpoint)
-    methods = available_methods(meta_path, pre_path)
+    methods = available_methods(find_checkpoints(checkpoint))
     if method is not None and method not in methods:
         raise MTLError(f"method '{method}' is not available with this checkpoint "
                        f"(available: {', '.join(methods) or 'none'})")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
-from ..checkpoints import build_backbone, load_model, save_model
+from ..checkpoints import META_NAME, build_backbone, load_model, save_model
 from ..config import RunConfig
 from ..data import load_split
 from ..data.base import ImageSplit, class_share
@@ -33,6 +33,7 @@ from ..data.episodes import EpisodeBatch, EpisodeSampler, hard_tasks
 from ..data.transforms import Normalizer, gather_uint8
 from ..errors import CheckpointError, MTLError
 from ..learners import adapt, linear_logits, normalize_features
+from ..methods.mtl import MTL
 from ..models.ss import enable_ss
 from ..preprocessing import apply_stats, checkpoint_preprocessing
 from ..runs import RunDir, seed_phase
@@ -48,7 +49,6 @@ from .common import (
 from .pretrain import model_info
 
 log = logging.getLogger(__name__)
-BEST = "meta_best.safetensors"
 
 
 class MetaLearner(nn.Module):
@@ -215,7 +215,7 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
     """
     mc = cfg.meta
     loop = TrainingLoop("meta", "meta-training", cfg, run, device, label="meta-train",
-                        epochs=mc.epochs, grad_clip=mc.grad_clip, best=BEST, show=show,
+                        epochs=mc.epochs, grad_clip=mc.grad_clip, best=META_NAME, show=show,
                         nan_hint="lower meta.lr_ss / meta.lr_head or set meta.grad_clip",
                         sums=("loss_sum", "acc_sum", "hard_sum"), count="count")
     if loop.finished:
@@ -274,10 +274,10 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
 
     def validate() -> tuple[float, float]:
         """Accuracy on val episodes, adapting from θ_0 as meta-testing does."""
-        return validation_accuracy(
-            "mtl", embedder, val, mc.ways, mc.shots, mc.queries, mc.val_episodes,
-            seed=cfg.eval.val_seed, steps=mc.inner_steps, lr=mc.inner_lr,
-            head=(learner.weight0.detach(), learner.bias0.detach()))
+        theta0 = (learner.weight0.detach(), learner.bias0.detach())
+        return validation_accuracy(MTL(theta0, mc.inner_steps, mc.inner_lr), embedder, val,
+                                   mc.ways, mc.shots, mc.queries, mc.val_episodes,
+                                   seed=cfg.eval.val_seed)
 
     def summary(totals: dict) -> dict:
         loss, acc, hard = distributed.sum_floats(totals["loss_sum"], totals["acc_sum"],

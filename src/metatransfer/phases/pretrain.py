@@ -25,6 +25,7 @@ from ..data import load_split
 from ..data.base import class_share
 from ..data.transforms import augment_batch, augmentation, gather_uint8, to_device
 from ..errors import ConfigError
+from ..methods.protonet import ProtoNet
 from ..preprocessing import canonical_resize
 from ..runs import RunDir, seed_phase
 from ..training import Step, TrainingLoop
@@ -39,7 +40,6 @@ from .common import (
 )
 
 log = logging.getLogger(__name__)
-BEST = PRETRAIN_NAME  # where the best pre-trained model is saved
 
 
 def lr_factor(cfg: RunConfig, epoch_progress: float) -> float:
@@ -69,7 +69,7 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
     """
     pc = cfg.pretrain
     loop = TrainingLoop("pretrain", "pre-training", cfg, run, device, epochs=pc.epochs,
-                        grad_clip=pc.grad_clip, best=BEST, show=show,
+                        grad_clip=pc.grad_clip, best=PRETRAIN_NAME, show=show,
                         nan_hint="lower pretrain.lr or set pretrain.grad_clip",
                         sums=("loss_sum", "correct"), count="seen")
     if loop.finished:
@@ -135,7 +135,7 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
 
     def validate() -> tuple[float, float]:
         """Nearest-centroid accuracy of the embeddings on val episodes."""
-        return validation_accuracy("protonet", embedder, val, pc.val_ways, pc.val_shots,
+        return validation_accuracy(ProtoNet(), embedder, val, pc.val_ways, pc.val_shots,
                                    pc.val_queries, pc.val_episodes, seed=cfg.eval.val_seed)
 
     def summary(totals: dict) -> dict:
