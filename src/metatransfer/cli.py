@@ -1,6 +1,9 @@
 """The ``mtl`` command: parse, load the config, call a phase. Nothing else lives here.
 
-User errors (:class:`MTLError`) are caught once, here, and printed as one line.
+Every command is registered the same way: its parser is built in :func:`build_parser`
+and it runs a ``cmd_*`` function of this module, which imports what the command needs
+only when it runs (torch is slow to import: ``mtl --help`` must stay fast). User errors
+(:class:`MTLError`) are caught once, here, and printed as one line.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from . import __version__
 from .config import CONFIG_NAME, RunConfig, load_config, preset_description, preset_names
 from .errors import ConfigError, MTLError
 from .methods.registry import EMBED_ONCE_METHODS
+from .serve import DEFAULT_MAX_UPLOAD_MB
 
 log = logging.getLogger("metatransfer")
 _current_run: list[str] = []  # the run directory in use, for the interrupt message
@@ -135,17 +139,6 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="CPU threads; 0 = torch's default (default: %(default)s)")
 
 
-def lazy(module: str, name: str):
-    """A command function imported only when the command runs (torch is slow to import)."""
-
-    def command(args: argparse.Namespace) -> None:
-        import importlib
-
-        return getattr(importlib.import_module(f"metatransfer.{module}"), name)(args)
-
-    return command
-
-
 # ----------------------------------------------------------------------------- commands
 
 
@@ -262,6 +255,24 @@ def eval_dir(source: Path, cfg: RunConfig) -> Path:
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
+
+
+def cmd_adapt(args: argparse.Namespace) -> None:
+    from .adapt import cmd_adapt as adapt
+
+    adapt(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve import cmd_serve as serve
+
+    serve(args)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import render
+
+    print("\n".join(str(p) for p in render(args.run_dir)))
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -404,27 +415,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=1, metavar="K",
                    help="show the K best classes (default: %(default)s)")
     p.add_argument("--output", metavar="FILE", help="write predictions to FILE (.csv or .json)")
-    p.set_defaults(func=lazy("adapt", "cmd_adapt"))
+    p.set_defaults(func=cmd_adapt)
 
-    for register in _optional_commands():
-        register(sub)
+    p = sub.add_parser(
+        "serve", help="a local web page: drop images per class, classify new ones",
+        description="Start a local web page for few-shot classification with a checkpoint.")
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000,
+                   help="port; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, metavar="N",
+                   help=f"refuse requests larger than N MB (default {DEFAULT_MAX_UPLOAD_MB:g})")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("report", help="plot learning curves and accuracy of a run")
+    p.add_argument("run_dir", help="a run directory or benchmark folder")
+    p.set_defaults(func=cmd_report)
     return parser
-
-
-def _optional_commands():
-    """Commands whose modules register themselves (serve, report); these modules must
-    not import torch at module level, so that `mtl --help` stays fast."""
-    found = []
-    for module in ("serve", "report"):
-        try:
-            mod = __import__(f"metatransfer.{module}", fromlist=["register_cli"])
-        except ImportError as exc:
-            if exc.name and exc.name.startswith("metatransfer"):
-                continue
-            raise
-        if hasattr(mod, "register_cli"):
-            found.append(mod.register_cli)
-    return found
 
 
 def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: save and stop

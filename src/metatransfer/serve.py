@@ -192,19 +192,3 @@ def cmd_serve(args: argparse.Namespace) -> None:
         pass
     finally:
         server.server_close()
-
-
-def register_cli(subparsers) -> None:
-    from .cli import add_model_options
-
-    p = subparsers.add_parser(
-        "serve", help="a local web page: drop images per class, classify new ones",
-        description="Start a local web page for few-shot classification with a checkpoint.")
-    add_model_options(p)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default: %(default)s, this machine only)")
-    p.add_argument("--port", type=int, default=8000,
-                   help="port; 0 picks a free one (default: %(default)s)")
-    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, metavar="N",
-                   help=f"refuse requests larger than N MB (default {DEFAULT_MAX_UPLOAD_MB:g})")
-    p.set_defaults(func=cmd_serve)
