@@ -23,6 +23,8 @@ from metatransfer.errors import DataError, MTLError
 from metatransfer.evaluation import evaluate, per_episode_accuracy
 from metatransfer.loader import CheckpointPaths, load_models
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the phases
+
 CPU = torch.device("cpu")
 
 

@@ -39,6 +39,8 @@ from metatransfer.phases.meta_train import meta_train
 from metatransfer.phases.pretrain import pretrain
 from metatransfer.runs import RunDir
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the phases
+
 WORLD = 2
 CPU = torch.device("cpu")
 EPISODES = 25  # odd: the ranks get uneven shares

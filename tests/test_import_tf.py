@@ -242,6 +242,7 @@ def test_tf_pickled_code_is_refused(tmp_path) -> None:
         main_import("authors-tf", [folder], tmp_path / "x.safetensors")
 
 
+@pytest.mark.slow
 def test_meta_test_embeds_support_and_query_calls_apart() -> None:
     """With batch-statistics BN, meta-test's evaluator embeds each episode's support set
     in one call and its query set in another (the authors' TensorFlow meta-test), and so
@@ -294,6 +295,7 @@ def test_cli_import_authors_tf(tmp_path, capsys) -> None:
     assert info.inner_lr == pytest.approx(5e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ft", "protonet"])
 def test_api_matches_meta_test_with_batch_statistics(tmp_path, method) -> None:
     """FewShotClassifier embeds the support set in one call and the queries in another,

@@ -93,6 +93,7 @@ def ss_state(learner: MetaLearner) -> dict[str, torch.Tensor]:
             if k.endswith(("ss_scale", "ss_shift"))}
 
 
+@pytest.mark.slow
 def test_short_meta_training_moves_ss_by_the_adam_budget_and_changes_predictions():
     """Adam moves a parameter by about lr per step when its gradient keeps its sign: 20
     steps at 1e-2 must move Φ_S by 0.05-0.2 (a no-op would stay near 0), and meta-test
@@ -154,6 +155,7 @@ def test_ss_decay_pulls_toward_the_identity():
     assert (scale.grad > 0).all() and (shift.grad < 0).all()  # descent moves back to 1 and 0
 
 
+@pytest.mark.slow
 def test_meta_training_keeps_the_pretrained_network_unless_ss_helps(tmp_path):
     """Epoch 0 (SS = identity, θ_0 = 0: the `ft` network) is validated and kept as the best
     model until an epoch beats it on the selection stream: with SS that can only hurt

@@ -127,6 +127,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_registered_method_is_reported_and_paired(run_dir, toy_method, tmp_path):
     out = tmp_path / "eval"
     main(["meta-test", "--quiet", "--checkpoint", str(run_dir), "--out", str(out),
@@ -145,6 +146,7 @@ def test_a_registered_method_is_reported_and_paired(run_dir, toy_method, tmp_pat
     assert [r for r in results["results"] if r["method"] != "nn"] == before["results"]
 
 
+@pytest.mark.slow
 def test_a_registered_method_serves_the_classifier(run_dir, toy_method):
     assert available_methods(find_checkpoints(run_dir)) == ["mtl", "protonet", "ft", "nn"]
     clf = FewShotClassifier.from_checkpoint(run_dir, "nn", "cpu", amp="off")
@@ -153,6 +155,7 @@ def test_a_registered_method_serves_the_classifier(run_dir, toy_method):
     assert clf.predict([images[0], images[1]]) == ["a", "b"]  # each its own nearest
 
 
+@pytest.mark.slow
 def test_ft_all_is_not_a_classifier(run_dir):
     with pytest.raises(MTLError, match="embeds once") as err:
         FewShotClassifier.from_checkpoint(run_dir, "ft-all", "cpu")

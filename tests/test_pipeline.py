@@ -11,6 +11,8 @@ from conftest import tiny_overrides
 from metatransfer.cli import main
 from metatransfer.data import glyphs
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the phases
+
 
 def tiny_command(command: str, out) -> list[str]:
     """``mtl COMMAND`` arguments for a seconds-long run on the toy dataset."""
