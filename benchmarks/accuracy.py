@@ -36,16 +36,18 @@ import yaml
 
 from metatransfer.config import apply_override, load_config, to_dict
 from metatransfer.devices import resolve_device, subnormals_flushed
-from metatransfer.evaluation import comparison_rows
-from metatransfer.phases.meta_test import (
-    comparisons_table,
-    meta_test,
-    results_table,
-    write_episodes,
-)
+from metatransfer.phases.meta_test import meta_test
 from metatransfer.phases.meta_train import meta_train
 from metatransfer.phases.pretrain import pretrain
 from metatransfer.report import render
+from metatransfer.results import (
+    RESULTS_JSON,
+    RESULTS_MD,
+    comparison_rows,
+    comparisons_table,
+    results_table,
+    write_episodes,
+)
 from metatransfer.runs import RunDir, seed_everything
 
 VARIANTS = {
@@ -247,11 +249,11 @@ def measure(argv: list[str] | None = None) -> dict:
         "results": rows,
         "comparisons": comparisons,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / RESULTS_JSON).write_text(json.dumps(results, indent=2))
     write_episodes(out, per_episode)
     table = results_table(results)
     command = " ".join(["python", "benchmarks/accuracy.py", *(argv or sys.argv[1:])])
-    (out / "results.md").write_text(
+    (out / RESULTS_MD).write_text(
         f"# {args.preset}: {cfg.data.name} ({results['split']} split)\n\n"
         f"`{command}`\n\nMachine: {results['machine']}; training time "
         f"{results['training_seconds']:.0f} s; phase times (s): {json.dumps(timings)}\n\n"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metatransfer.evaluation import mean_ci95, paired_row, setting_key
+from metatransfer.results import mean_ci95, paired_row, setting_key
 
 # results.json keys that decide which episodes were drawn
 EPISODE_SOURCE = ("dataset", "split", "eval_seed", "data_fingerprint")

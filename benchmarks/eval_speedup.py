@@ -34,8 +34,10 @@ from metatransfer.data.base import ImageSplit
 from metatransfer.data.episodes import EpisodeSampler
 from metatransfer.data.transforms import Normalizer
 from metatransfer.devices import autocast_enabled, precision, subnormals_flushed
-from metatransfer.evaluation import Embedder, evaluate, per_episode_accuracy
-from metatransfer.models import create_backbone
+from metatransfer.embedding import Embedder
+from metatransfer.evaluation import evaluate, per_episode_accuracy
+from metatransfer.methods.mtl import MTL
+from metatransfer.models import create_backbone, place_backbone
 from metatransfer.models.ss import enable_ss
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "miniimagenet"
@@ -103,12 +105,12 @@ def measure(argv: list[str] | None = None) -> None:
         DataConfig(name=args.dataset, root=args.root, image_size=args.image_size), args.split),
         device)
     torch.manual_seed(0)
-    backbone = create_backbone(args.backbone, in_channels=split.channels,
-                               **args.backbone_args).to(device)
-    backbone = backbone.to(memory_format=torch.channels_last)  # as runs do (channels_last)
+    backbone = create_backbone(args.backbone, in_channels=split.channels, **args.backbone_args)
+    backbone = place_backbone(backbone, device, channels_last=True)  # as runs do
     enable_ss(backbone)  # the meta-trained network evaluated by `mtl`
     d = backbone.out_dim
     head = (torch.zeros(5, d, device=device), torch.zeros(5, device=device))
+    mtl = MTL(head, args.inner_steps, 0.01)
     embedder = Embedder(backbone, Normalizer(split.mean, split.std, device, channels_last=True),
                         device, amp=amp)
     samplers = [EpisodeSampler(split.indices_by_class, 5, s, args.queries, seed=1234,
@@ -124,9 +126,8 @@ def measure(argv: list[str] | None = None) -> None:
     embedder.embed(split, np.arange(2))  # warm-up
     per_episode = 0.0
     for sampler in samplers:
-        _, secs = clock(lambda s=sampler: [per_episode_accuracy(
-            "mtl", embedder, split, s, i, args.inner_steps, 0.01, head)
-            for i in range(args.per_episode)], device)
+        _, secs = clock(lambda s=sampler: [per_episode_accuracy(mtl, embedder, split, s, i)
+                                           for i in range(args.per_episode)], device)
         per_episode += secs / args.per_episode * args.episodes
         emit({**base, "measure": "per_episode", "shots_of": sampler.shots,
               "seconds_per_episode": round(secs / args.per_episode, 2)})
@@ -154,8 +155,7 @@ def measure(argv: list[str] | None = None) -> None:
         episode_s = 0.0
         for sampler in samplers:
             _, secs = clock(lambda s=sampler, n=episodes: evaluate(
-                "mtl", embedder, split, s, n, args.inner_steps, 0.01, head, cache=cache),
-                device)
+                mtl, embedder, split, s, n, cache=cache), device)
             episode_s += secs
         record = {**base, "measure": "embed_once", "episodes_per_setting": episodes,
                   "distinct_images": distinct, "embed_s": round(embed_s, 1),

@@ -18,7 +18,9 @@ import torch
 from timing import Setup, emit, run, timed
 
 from metatransfer.data.episodes import EpisodeSampler
-from metatransfer.evaluation import Embedder, evaluate, per_episode_accuracy
+from metatransfer.embedding import Embedder
+from metatransfer.evaluation import evaluate, per_episode_accuracy
+from metatransfer.methods.mtl import MTL
 from metatransfer.phases.meta_train import MetaLearner
 
 
@@ -27,7 +29,7 @@ def meta_test(bench: Setup) -> None:
     args, device = bench.args, bench.device
     backbone = bench.new_backbone()
     learner = MetaLearner(backbone, 5, "kernel", "all", False).to(device)
-    head = (learner.weight0.detach(), learner.bias0.detach())
+    mtl = MTL((learner.weight0.detach(), learner.bias0.detach()), args.inner_steps, 0.01)
     embedder = Embedder(bench.maybe_compile(learner.backbone), bench.normalizer, device,
                         amp=bench.amp)
     embed_batch = 16 if bench.heavy else 256
@@ -45,18 +47,15 @@ def meta_test(bench: Setup) -> None:
         images = 5 * (shots + args.queries)
         if bench.heavy and not args.full:  # one episode's forward costs minutes here
             adapt_s, _ = timed(lambda _, s=sampler: evaluate(
-                "mtl", embedder, bench.split, s, 1, args.inner_steps, 0.01, head,
-                cache=cache), 2, 1, device)
+                mtl, embedder, bench.split, s, 1, cache=cache), 2, 1, device)
             per_s, measured = images / embed_ips + adapt_s, False
         else:
             per_s, _ = timed(lambda i, s=sampler: per_episode_accuracy(
-                "mtl", embedder, bench.split, s, i, args.inner_steps, 0.01, head),
-                args.iters, 1, device)
+                mtl, embedder, bench.split, s, i), args.iters, 1, device)
             measured = True
         n_eps = args.eval_episodes
         cached_s, _ = timed(lambda _, s=sampler: evaluate(
-            "mtl", embedder, bench.split, s, args.eval_episodes, args.inner_steps, 0.01, head,
-            cache=cache), 1, 1, device)
+            mtl, embedder, bench.split, s, args.eval_episodes, cache=cache), 1, 1, device)
         emit({**bench.base, "measure": "meta_test", "shots": shots, "queries": args.queries,
               "inner_steps": args.inner_steps,
               "per_episode_episodes_per_s": round(1 / per_s, 3),

@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from metatransfer.config import RunConfig
 from metatransfer.data.base import ImageSplit
 from metatransfer.devices import precision, subnormals_flushed
-from metatransfer.models import create_backbone
+from metatransfer.models import create_backbone, place_backbone
 from metatransfer.phases.common import channels_last, make_normalizer, use_amp
 
 log = logging.getLogger("benchmarks")
@@ -238,7 +238,7 @@ class Setup:
         self.amp = use_amp(self.cfg, device)
         self.precision = precision(self.amp)
         self.dtype = torch.bfloat16 if self.amp else torch.float32
-        self.cl = channels_last(self.cfg, device)
+        self.cl = channels_last(self.cfg)
         self.split = synthetic_split(size)
         self.normalizer = make_normalizer(self.cfg, self.split, device)
         self.base = {"backbone": name, "size": size, "device": str(device),
@@ -259,10 +259,7 @@ class Setup:
     def new_backbone(self) -> nn.Module:
         torch.manual_seed(0)
         model = create_backbone(self.name, in_channels=3, **self.cfg.model.backbone_args)
-        model = model.to(self.device)
-        if self.cl:
-            model = model.to(memory_format=torch.channels_last)
-        return model
+        return place_backbone(model, self.device, self.cl)
 
     def maybe_compile(self, module: nn.Module) -> nn.Module:
         return torch.compile(module) if self.args.compile else module

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from metatransfer.config import DATA_ENV, DataConfig, data_search_path
+from metatransfer.config import DATA_ENV, DataConfig, EvalConfig, data_search_path
 from metatransfer.data.base import ImageSplit
 from metatransfer.data.registry import register_dataset
+from metatransfer.methods.catalog import create_method
 
 # the real data, found as the presets find it: $METATRANSFER_DATA, else ../shared/data
 SHARED_DATA = next((p for p in data_search_path() if p.is_dir()), data_search_path()[0])
@@ -23,6 +24,11 @@ NO_DATA_HINT = f"set {DATA_ENV} to the folder holding miniimagenet/ and omniglot
 torch.set_num_threads(2)
 
 TOY_SPLITS = {"train": (0, 12), "val": (12, 18), "test": (18, 24)}
+
+
+def make_method(name: str, steps: int = 0, lr: float = 0.0, head=None):
+    """Method ``name`` with these inner-loop settings (and θ_0 ``head`` for ``mtl``)."""
+    return create_method(name, EvalConfig(inner_steps=steps, inner_lr=lr), head)
 
 
 def make_toy_split(split: str, per_class: int = 24, size: int = 16) -> ImageSplit:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_toy_split, tiny_overrides
+from conftest import make_method, make_toy_split, tiny_overrides
 from PIL import Image
 
 from metatransfer import FewShotClassifier
@@ -18,10 +18,13 @@ from metatransfer.cli import main
 from metatransfer.data.episodes import EpisodeSampler
 from metatransfer.data.images import read_image
 from metatransfer.data.transforms import Normalizer
+from metatransfer.embedding import Embedder
 from metatransfer.errors import DataError, MTLError
-from metatransfer.evaluation import Embedder, evaluate, per_episode_accuracy
-from metatransfer.phases.meta_test import load_models
+from metatransfer.evaluation import evaluate, per_episode_accuracy
+from metatransfer.loader import CheckpointPaths, load_models
 from metatransfer.preprocessing import Decoding
+
+pytestmark = pytest.mark.slow  # end-to-end runs of the phases
 
 CPU = torch.device("cpu")
 
@@ -77,10 +80,11 @@ def test_adapt_reproduces_meta_test_episodes(run_dir, toy_test, method):
     results = json.loads((run_dir / "results.json").read_text())
     steps, lr = results["inner_steps"], results["inner_lr"]
     clf = FewShotClassifier.from_checkpoint(run_dir, method, "cpu", steps, lr, amp="off")
-    info, backbone, head = load_models(run_dir / "meta_best.safetensors",
-                                       run_dir / "pretrain_best.safetensors", [method])[method]
-    embedder = Embedder(backbone.eval(), Normalizer(toy_test.mean, toy_test.std, CPU), CPU,
-                        feature_norm=info.feature_norm)  # every method, as meta-test
+    model = load_models(CheckpointPaths(run_dir / "meta_best.safetensors",
+                                        run_dir / "pretrain_best.safetensors"), [method])[method]
+    embedder = Embedder(model.backbone.eval(), Normalizer(toy_test.mean, toy_test.std, CPU), CPU,
+                        feature_norm=model.info.feature_norm)  # every method, as meta-test
+    learner = make_method(method, steps, lr, model.head)
     split = toy_test
     for row in results["results"]:
         if row["method"] != method:
@@ -100,11 +104,10 @@ def test_adapt_reproduces_meta_test_episodes(run_dir, toy_test, method):
             assert len(predicted) == row["ways"] * queries
             accs.append(acc)
             if ep < 4:  # the one-episode reference path of meta-test
-                reference = per_episode_accuracy(method, embedder, split, sampler, ep, steps,
-                                                 lr, head)
+                reference = per_episode_accuracy(learner, embedder, split, sampler, ep)
                 assert acc == pytest.approx(reference, abs=1e-6), (method, row["shots"], ep)
         # every episode, against meta-test's batched evaluator and its reported mean
-        batched = evaluate(method, embedder, split, sampler, row["episodes"], steps, lr, head)
+        batched = evaluate(learner, embedder, split, sampler, row["episodes"])
         np.testing.assert_allclose(accs, batched, atol=1e-6)
         assert 100 * np.mean(accs) == pytest.approx(row["accuracy"], abs=0.006)
 

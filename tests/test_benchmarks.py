@@ -31,6 +31,7 @@ def json_lines(text: str) -> list[dict]:
 SPEED = ["kernel_rates", "pretrain_speed", "meta_train_speed", "meta_test_speed"]
 
 
+@pytest.mark.slow
 def test_throughput_quick(capsys):
     for name in SPEED:
         load(name).main(["--quick", "--device", "cpu", "--backbones", "conv4@16"])
@@ -80,6 +81,7 @@ def test_gpu_script_syntax():
     subprocess.run([bash, "-n", str(BENCH / "gpu.sh")], check=True)
 
 
+@pytest.mark.slow
 def test_gpu_script_cpu_fallback(tmp_path):
     bash = shutil.which("bash")
     if bash is None:
@@ -95,6 +97,7 @@ def test_gpu_script_cpu_fallback(tmp_path):
     assert any(r["measure"] == "pretrain" for r in records)
 
 
+@pytest.mark.slow
 def test_accuracy_benchmark_and_report(tmp_path, capsys):
     out = tmp_path / "bench"
     load("accuracy").main(tiny_bench_args(out) + [
@@ -128,6 +131,7 @@ def tiny_bench_args(out) -> list[str]:
     return args
 
 
+@pytest.mark.slow
 def test_accuracy_benchmark_pretrains_per_config_and_pairs(tmp_path, capsys):
     import numpy as np
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_method
 from PIL import Image
 from torchvision import transforms
 
@@ -28,10 +29,11 @@ from metatransfer.data import load_split
 from metatransfer.data.episodes import EpisodeSampler
 from metatransfer.data.images import read_image
 from metatransfer.data.transforms import Normalizer
+from metatransfer.embedding import Embedder
 from metatransfer.errors import MTLError
-from metatransfer.evaluation import Embedder, evaluate
+from metatransfer.evaluation import evaluate
+from metatransfer.loader import find_checkpoints, load_models
 from metatransfer.models import create_backbone, enable_ss
-from metatransfer.phases.meta_test import load_models
 from metatransfer.preprocessing import resize_pil
 
 CPU = torch.device("cpu")
@@ -162,12 +164,14 @@ def test_controls_would_be_caught(world, what) -> None:
         for method in changed:
             backbone = build_backbone(info, state).eval()
             if method != "mtl":
-                backbone = load_models(world["model"], None, [method])[method][1].eval()
+                model = load_models(find_checkpoints(world["model"]), [method])[method]
+                backbone = model.backbone.eval()
             mean, std = (split.mean, split.std) if what == "stats" else (MEAN, STD)
             norm = "none" if what == "features" else "l2"
             embedder = Embedder(backbone, Normalizer(mean, std, CPU), CPU, feature_norm=norm)
             use = (head["weight"], head["bias"]) if method == "mtl" else None
-            acc = evaluate(method, embedder, split, sampler, EPISODES, STEPS, LR, use)
+            acc = evaluate(make_method(method, STEPS, LR, use), embedder, split, sampler,
+                           EPISODES)
             changed[method].append(not np.allclose(
                 acc, world["episodes"][f"{method}/3w{shots}s"], atol=1e-4))
     if what == "features":  # protonet on L2 features vs raw ones; ft's inner loop too
@@ -285,17 +289,17 @@ def _meta_with_bn_changed(tmp_path: Path, extra: dict) -> tuple[Path, Path]:
                                    {"import_format": "authors-meta"}])
 def test_baselines_use_the_pretrained_network(tmp_path, extra) -> None:
     meta, pre = _meta_with_bn_changed(tmp_path, extra)
-    models = load_models(meta, None, ["ft", "protonet"])  # found beside the meta model
+    models = load_models(find_checkpoints(meta), ["ft", "protonet"])  # found beside it
     pre_state = load_model(pre)[1]
     for method in ("ft", "protonet"):
-        state = models[method][1].state_dict()
+        state = models[method].backbone.state_dict()
         assert not any(k.endswith("ss_scale") for k in state)
         for k, v in pre_state.items():
             torch.testing.assert_close(state[k], v)
     alone = tmp_path / "alone.safetensors"
     alone.write_bytes(meta.read_bytes())
     with pytest.raises(MTLError, match="pass --pretrained") as err:
-        load_models(alone, None, ["ft"])
+        load_models(find_checkpoints(alone), ["ft"])
     assert "\n" not in str(err.value) and "not" in str(err.value)
     clf = FewShotClassifier.from_checkpoint(meta.parent, "ft", "cpu")
     for k, v in pre_state.items():

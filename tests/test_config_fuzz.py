@@ -8,6 +8,7 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -52,16 +53,57 @@ def test_override_parser_parses_or_raises_config_error(key, value):
         assert isinstance(cfg, RunConfig)
 
 
+def leaf_values(obj, prefix: str = ""):
+    """``(dotted key, value)`` of every non-section field, nested sections included."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from leaf_values(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def as_override(key: str, value) -> str:
+    """``key=value`` with the value written as YAML, the way a user types it."""
+    text = yaml.safe_dump(value, default_flow_style=True).replace("\n...", "").strip()
+    return f"{key}={text}"
+
+
+DEFAULTS = [as_override(k, v) for k, v in leaf_values(RunConfig())]
+
+
 @settings(max_examples=100, deadline=None)
 @given(items=st.lists(st.tuples(st.sampled_from(KEYS), values), max_size=4))
 def test_override_sequences(items):
+    """Each override of a sequence applies or fails alone, with a one-line ConfigError that
+    leaves the config as it was; one that applies sets a value the item decides alone
+    (applying it again changes nothing)."""
     cfg = RunConfig()
+    for key, value in items:
+        item = f"{key}={value}"
+        try:
+            new = apply_override(cfg, item)
+        except ConfigError as exc:
+            assert str(exc) and "\n" not in str(exc)
+            continue
+        assert apply_override(new, item) == new, item
+        cfg = new
     try:
-        for key, value in items:
-            cfg = apply_override(cfg, f"{key}={value}")
         validate(cfg)
-    except ConfigError:
-        pass
+    except ConfigError as exc:
+        assert str(exc) and "\n" not in str(exc)
+
+
+@settings(max_examples=50, deadline=None)
+@given(items=st.lists(st.sampled_from(DEFAULTS), max_size=6))
+def test_valid_override_sequences_apply(items):
+    """Overrides that restate a default (any key, its value as YAML) never fail and leave
+    the defaults: the parser does not reject what it must accept."""
+    cfg = RunConfig()
+    for item in items:
+        cfg = apply_override(cfg, item)
+    validate(cfg)
+    assert cfg == RunConfig()
 
 
 _DIR = Path(tempfile.mkdtemp(prefix="mtl-csv-fuzz-"))

@@ -24,17 +24,22 @@ from conftest import tiny_overrides
 from torch import nn
 
 from metatransfer import distributed
+from metatransfer.checkpoints import PRETRAIN_NAME as BEST
 from metatransfer.config import load_config
 from metatransfer.data import load_split
 from metatransfer.data.episodes import EpisodeSampler
 from metatransfer.evaluation import evaluate, evaluate_all_ranks
+from metatransfer.loader import CheckpointPaths, load_models
+from metatransfer.methods.mtl import MTL
 from metatransfer.models.backbones import register_backbone
 from metatransfer.models.ss import SSConv2d
 from metatransfer.phases.common import make_embedder
-from metatransfer.phases.meta_test import load_models, meta_test
+from metatransfer.phases.meta_test import meta_test
 from metatransfer.phases.meta_train import meta_train
-from metatransfer.phases.pretrain import BEST, pretrain
+from metatransfer.phases.pretrain import pretrain
 from metatransfer.runs import RunDir
+
+pytestmark = pytest.mark.slow  # end-to-end runs of the phases
 
 WORLD = 2
 CPU = torch.device("cpu")
@@ -92,13 +97,13 @@ def eval_cfg(out: Path):
 def mtl_accuracies(cfg, meta_path: Path, pretrained: Path, all_ranks: bool) -> np.ndarray:
     """Per-episode accuracies of ``mtl`` 5-way 1-shot, in one process or gathered."""
     split = load_split(cfg.data, "test")
-    info, backbone, head = load_models(meta_path, pretrained, ["mtl"])["mtl"]
-    embedder = make_embedder(cfg, backbone.eval(), split, CPU, info.feature_norm)
+    model = load_models(CheckpointPaths(meta_path, pretrained), ["mtl"])["mtl"]
+    embedder = make_embedder(cfg, model.backbone.eval(), split, CPU, model.info.feature_norm)
     sampler = EpisodeSampler(split.indices_by_class, 5, 1, cfg.eval.queries, cfg.eval.seed)
-    args = (cfg.eval.inner_steps, cfg.eval.inner_lr, head)
+    mtl = MTL(model.head, cfg.eval.inner_steps, cfg.eval.inner_lr)
     if all_ranks:
-        return evaluate_all_ranks("mtl", embedder, split, sampler, EPISODES, *args)
-    return evaluate("mtl", embedder, split, sampler, np.arange(EPISODES), *args)
+        return evaluate_all_ranks(mtl, embedder, split, sampler, EPISODES)
+    return evaluate(mtl, embedder, split, sampler, np.arange(EPISODES))
 
 
 def free_port() -> int:

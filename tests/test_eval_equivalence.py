@@ -11,12 +11,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_toy_split
+from conftest import make_method, make_toy_split
 
 from metatransfer.data.episodes import EpisodeSampler
 from metatransfer.data.transforms import Normalizer
-from metatransfer.evaluation import Embedder, evaluate, per_episode_accuracy
-from metatransfer.learners import adapt, cross_entropy_grads, episode_logits, linear_logits
+from metatransfer.embedding import Embedder
+from metatransfer.evaluation import evaluate, per_episode_accuracy
+from metatransfer.learners import adapt, cross_entropy_grads, linear_logits
+from metatransfer.methods.mtl import MTL
+from metatransfer.methods.protonet import ProtoNet
 from metatransfer.models import create_backbone
 from metatransfer.models.ss import enable_ss
 
@@ -48,11 +51,10 @@ def setup():
 def test_cached_batched_equals_per_episode(setup, method, shots):
     split, embedder, head = setup
     sampler = EpisodeSampler(split.indices_by_class, 5, shots, 4, seed=3, name=split.name)
-    use_head = head if method == "mtl" else None
+    learner = make_method(method, STEPS, LR, head if method == "mtl" else None)
     # episode_batch smaller than the episode count: several batched inner loops.
-    fast = evaluate(method, embedder, split, sampler, EPISODES, STEPS, LR, use_head,
-                    episode_batch=4)
-    slow = [per_episode_accuracy(method, embedder, split, sampler, i, STEPS, LR, use_head)
+    fast = evaluate(learner, embedder, split, sampler, EPISODES, episode_batch=4)
+    slow = [per_episode_accuracy(learner, embedder, split, sampler, i)
             for i in range(EPISODES)]
     np.testing.assert_array_equal(fast, np.array(slow, dtype=fast.dtype))
     assert 0.0 < fast.mean() < 1.0  # a meaningful comparison: neither all right nor all wrong
@@ -66,10 +68,10 @@ def test_batched_logits_match_single_episodes(setup):
     feats = embedder.embed(split, np.arange(len(split)))
     labels = torch.as_tensor(batch.support_labels()).expand(batch.tasks, -1)
     support, query = feats[batch.support], feats[batch.query]
-    together = episode_logits("mtl", support, labels, query, 5, STEPS, LR, head)
+    mtl = MTL(head, STEPS, LR)
+    together = mtl.fit(support, labels, 5).logits(query)
     for t in range(batch.tasks):
-        alone = episode_logits("mtl", support[t:t + 1], labels[t:t + 1], query[t:t + 1], 5,
-                               STEPS, LR, head)
+        alone = mtl.fit(support[t:t + 1], labels[t:t + 1], 5).logits(query[t:t + 1])
         torch.testing.assert_close(together[t:t + 1], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -87,7 +89,7 @@ def test_shared_cache_embeds_each_image_once(setup):
         cache: dict = {}
         for shots in (1, 5):
             sampler = EpisodeSampler(split.indices_by_class, 5, shots, 4, seed=3)
-            evaluate("protonet", embedder, split, sampler, EPISODES, 0, 0.0, cache=cache)
+            evaluate(ProtoNet(), embedder, split, sampler, EPISODES, cache=cache)
     finally:
         del embedder.embed
     assert sum(calls) == len(np.unique(cache["indices"])) <= len(split)

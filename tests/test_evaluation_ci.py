@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from metatransfer.evaluation import comparison_rows, mean_ci95, paired_difference
+from metatransfer.results import comparison_rows, mean_ci95, paired_difference
 
 
 def test_ci95_by_hand():

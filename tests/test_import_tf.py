@@ -242,6 +242,7 @@ def test_tf_pickled_code_is_refused(tmp_path) -> None:
         main_import("authors-tf", [folder], tmp_path / "x.safetensors")
 
 
+@pytest.mark.slow
 def test_meta_test_embeds_support_and_query_calls_apart() -> None:
     """With batch-statistics BN, meta-test's evaluator embeds each episode's support set
     in one call and its query set in another (the authors' TensorFlow meta-test), and so
@@ -250,12 +251,9 @@ def test_meta_test_embeds_support_and_query_calls_apart() -> None:
 
     from metatransfer.data.episodes import EpisodeSampler
     from metatransfer.data.transforms import Normalizer
-    from metatransfer.evaluation import (
-        Embedder,
-        evaluate,
-        per_episode_accuracy,
-        uses_batch_stats,
-    )
+    from metatransfer.embedding import Embedder, uses_batch_stats
+    from metatransfer.evaluation import evaluate, per_episode_accuracy
+    from metatransfer.methods.ft import FineTune
     from metatransfer.models import create_backbone
 
     torch.manual_seed(0)
@@ -274,10 +272,11 @@ def test_meta_test_embeds_support_and_query_calls_apart() -> None:
         return real(split_, indices, **kw)
 
     embedder.embed = counting  # type: ignore[method-assign]
-    fast = evaluate("ft", embedder, split, sampler, 5, 10, 0.5, episode_batch=2)
+    fast = evaluate(FineTune(10, 0.5), embedder, split, sampler, 5, episode_batch=2)
     assert sorted(calls) == [5] * 5 + [15] * 5  # per episode: support call, query call
     del embedder.embed
-    slow = [per_episode_accuracy("ft", embedder, split, sampler, i, 10, 0.5) for i in range(5)]
+    slow = [per_episode_accuracy(FineTune(10, 0.5), embedder, split, sampler, i)
+            for i in range(5)]
     np.testing.assert_array_equal(fast, np.array(slow, dtype=fast.dtype))
 
 
@@ -296,17 +295,19 @@ def test_cli_import_authors_tf(tmp_path, capsys) -> None:
     assert info.inner_lr == pytest.approx(5e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ft", "protonet"])
 def test_api_matches_meta_test_with_batch_statistics(tmp_path, method) -> None:
     """FewShotClassifier embeds the support set in one call and the queries in another,
     as meta-test does for a batch-statistics model: the same per-episode accuracy."""
-    from conftest import make_toy_split
+    from conftest import make_method, make_toy_split
 
     from metatransfer import FewShotClassifier
     from metatransfer.checkpoints import ModelInfo, save_model
     from metatransfer.data.episodes import EpisodeSampler
     from metatransfer.data.transforms import Normalizer
-    from metatransfer.evaluation import Embedder, evaluate
+    from metatransfer.embedding import Embedder
+    from metatransfer.evaluation import evaluate
     from metatransfer.models import create_backbone
 
     torch.manual_seed(1)
@@ -322,7 +323,7 @@ def test_api_matches_meta_test_with_batch_statistics(tmp_path, method) -> None:
     sampler = EpisodeSampler(split.indices_by_class, 4, 2, 3, seed=7, name=split.name)
     embedder = Embedder(model.eval(), Normalizer(split.mean, split.std, torch.device("cpu")),
                         torch.device("cpu"))
-    want = evaluate(method, embedder, split, sampler, 4, 10, 0.5)
+    want = evaluate(make_method(method, 10, 0.5), embedder, split, sampler, 4)
     for ep in range(4):
         batch = sampler.episode(ep)
         support = {str(j): list(split.images[batch.support[0, j * 2:(j + 1) * 2]])

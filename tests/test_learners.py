@@ -1,18 +1,11 @@
-"""The base learner: analytic gradients, inner loop, second-order meta-gradient, ProtoNet."""
+"""The base learner: analytic gradients, inner loop, second-order meta-gradient."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from metatransfer.learners import (
-    adapt,
-    cross_entropy_grads,
-    episode_logits,
-    head_for_ways,
-    linear_logits,
-    prototype_logits,
-)
+from metatransfer.learners import adapt, cross_entropy_grads, linear_logits
 
 
 def test_analytic_gradient_equals_autograd():
@@ -92,28 +85,3 @@ def test_first_order_ignores_the_path_through_the_support_set():
     direct = torch.autograd.grad(
         F.cross_entropy(linear_logits(w_prime, b.detach(), query)[0], q_labels[0]), w_prime)[0]
     torch.testing.assert_close(grad_theta, direct[0])
-
-
-def test_prototype_logits_by_hand():
-    support = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [0.0, 4.0]]])
-    labels = torch.tensor([[0, 0, 1]])
-    query = torch.tensor([[[1.0, 1.0]]])
-    # centroids (1, 0) and (0, 4): squared distances 1 and 10
-    torch.testing.assert_close(prototype_logits(support, labels, query, 2),
-                               torch.tensor([[[-1.0, -10.0]]]))
-
-
-def test_ft_starts_from_zero_and_mtl_from_theta0():
-    support = torch.randn(1, 4, 3)
-    labels = torch.tensor([[0, 0, 1, 1]])
-    query = torch.randn(1, 2, 3)
-    zero_steps = episode_logits("ft", support, labels, query, 2, steps=0, lr=0.1)
-    assert torch.equal(zero_steps, torch.zeros(1, 2, 2))
-    head = (torch.ones(2, 3), torch.tensor([1.0, -1.0]))
-    logits = episode_logits("mtl", support, labels, query, 2, steps=0, lr=0.1, head=head)
-    torch.testing.assert_close(logits, linear_logits(head[0][None], head[1][None], query))
-
-
-def test_head_for_other_ways_uses_the_mean_row():
-    w, b = head_for_ways(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([1.0, 3.0]), 3)
-    assert torch.equal(w, torch.tensor([[2.0, 3.0]] * 3)) and torch.equal(b, torch.full((3,), 2.0))

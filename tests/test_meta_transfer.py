@@ -14,8 +14,11 @@ from metatransfer.config import load_config
 from metatransfer.data.base import ImageSplit, class_share, held_out_mask
 from metatransfer.data.episodes import EpisodeSampler
 from metatransfer.data.transforms import Normalizer
-from metatransfer.evaluation import Embedder, evaluate
-from metatransfer.learners import episode_logits
+from metatransfer.embedding import Embedder
+from metatransfer.evaluation import evaluate
+from metatransfer.methods.ft import FineTune
+from metatransfer.methods.mtl import MTL
+from metatransfer.methods.protonet import ProtoNet
 from metatransfer.models import create_backbone
 from metatransfer.models.ss import ss_convs
 from metatransfer.phases.meta_train import MetaLearner, meta_step
@@ -46,10 +49,10 @@ def test_validation_draws_from_the_selection_stream():
     split = make_toy_split("val")
     embedder = Embedder(create_backbone("conv4", in_channels=1, width=8).eval(),
                         Normalizer(split.mean, split.std, CPU), CPU)
-    got = validation_accuracy("protonet", embedder, split, 5, 1, 3, 40, seed=7)
+    got = validation_accuracy(ProtoNet(), embedder, split, 5, 1, 3, 40, seed=7)
     def scored(stream):
         sampler = EpisodeSampler(split.indices_by_class, 5, 1, 3, 7, stream=stream)
-        return evaluate("protonet", embedder, split, sampler, 40, 0, 0.0).mean() * 100
+        return evaluate(ProtoNet(), embedder, split, sampler, 40).mean() * 100
     assert got[0] == pytest.approx(scored("selection"))
     assert got[0] != pytest.approx(scored("test"))
 
@@ -90,6 +93,7 @@ def ss_state(learner: MetaLearner) -> dict[str, torch.Tensor]:
             if k.endswith(("ss_scale", "ss_shift"))}
 
 
+@pytest.mark.slow
 def test_short_meta_training_moves_ss_by_the_adam_budget_and_changes_predictions():
     """Adam moves a parameter by about lr per step when its gradient keeps its sign: 20
     steps at 1e-2 must move Φ_S by 0.05-0.2 (a no-op would stay near 0), and meta-test
@@ -121,8 +125,8 @@ def test_short_meta_training_moves_ss_by_the_adam_budget_and_changes_predictions
     feats_plain = plain_net.embed(test, ids)
     assert (feats_ss - feats_plain).norm() > 0.01 * feats_plain.norm()
     head = (learner.weight0.detach(), learner.bias0.detach())
-    acc_ss = evaluate("mtl", ss_net, test, test_sampler, 40, 5, 0.5, head)
-    acc_plain = evaluate("mtl", plain_net, test, test_sampler, 40, 5, 0.5, head)
+    acc_ss = evaluate(MTL(head, 5, 0.5), ss_net, test, test_sampler, 40)
+    acc_plain = evaluate(MTL(head, 5, 0.5), plain_net, test, test_sampler, 40)
     assert not np.array_equal(acc_ss, acc_plain)
 
 
@@ -132,10 +136,9 @@ def test_mtl_uses_theta0_and_ft_does_not():
     labels = torch.arange(5).expand(3, -1)
     zero = (torch.zeros(5, 8), torch.zeros(5))
     learned = (torch.randn(5, 8), torch.randn(5))
-    ft = episode_logits("ft", support, labels, query, 5, 3, 0.1)
-    torch.testing.assert_close(episode_logits("mtl", support, labels, query, 5, 3, 0.1, zero), ft)
-    assert not torch.allclose(episode_logits("mtl", support, labels, query, 5, 3, 0.1, learned),
-                              ft)
+    ft = FineTune(3, 0.1).fit(support, labels, 5).logits(query)
+    torch.testing.assert_close(MTL(zero, 3, 0.1).fit(support, labels, 5).logits(query), ft)
+    assert not torch.allclose(MTL(learned, 3, 0.1).fit(support, labels, 5).logits(query), ft)
 
 
 def test_ss_decay_pulls_toward_the_identity():
@@ -152,6 +155,7 @@ def test_ss_decay_pulls_toward_the_identity():
     assert (scale.grad > 0).all() and (shift.grad < 0).all()  # descent moves back to 1 and 0
 
 
+@pytest.mark.slow
 def test_meta_training_keeps_the_pretrained_network_unless_ss_helps(tmp_path):
     """Epoch 0 (SS = identity, θ_0 = 0: the `ft` network) is validated and kept as the best
     model until an epoch beats it on the selection stream: with SS that can only hurt

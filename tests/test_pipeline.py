@@ -11,6 +11,8 @@ from conftest import tiny_overrides
 from metatransfer.cli import main
 from metatransfer.data import glyphs
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the phases
+
 
 def tiny_command(command: str, out) -> list[str]:
     """``mtl COMMAND`` arguments for a seconds-long run on the toy dataset."""
@@ -60,6 +62,12 @@ def test_tiny_run_writes_results(tmp_path, capsys):
         assert c["diff"] == pytest.approx(100 * (a - b).mean(), abs=0.01)
         assert c["significant"] == (abs(c["diff"]) > c["ci95"])
     assert "mtl − ft" in (out / "results.md").read_text()
+    # wall-clock figures apart from the reproducible results, the run's total included
+    timing = json.loads((out / "timing.json").read_text())
+    assert sorted(timing) == ["eval_seconds", "run_seconds"]
+    assert 0 < timing["eval_seconds"] <= timing["run_seconds"]
+    assert not {"eval_seconds", "run_seconds"} & set(results)
+    assert f"({timing['run_seconds']:.0f} s)" in table
 
 
 def test_rerun_into_existing_run_dir_asks_for_resume(tmp_path, capsys):
@@ -88,6 +96,7 @@ def test_meta_test_methods_share_episodes_and_ft_all_runs(tmp_path, capsys):
     assert [r["method"] for r in results["results"]] == ["mtl", "ft-all", "protonet"]
     assert all(r["episodes"] == 6 for r in results["results"])
     assert (evaluation / "config.yaml").is_file() and not (evaluation / "state").exists()
+    assert sorted(json.loads((evaluation / "timing.json").read_text())) == ["eval_seconds"]
     assert str(evaluation / "results.md") in capsys.readouterr().out
 
     def fails(extra, message):

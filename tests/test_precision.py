@@ -18,8 +18,8 @@ from metatransfer.devices import (
     precision,
     subnormals_flushed,
 )
+from metatransfer.embedding import Embedder
 from metatransfer.errors import ConfigError
-from metatransfer.evaluation import Embedder
 from metatransfer.models import create_backbone
 from metatransfer.phases.common import autocast
 from metatransfer.phases.meta_train import MetaLearner, task_losses
@@ -127,6 +127,7 @@ def test_pretraining_head_computes_fp32_logits_inside_autocast():
     torch.testing.assert_close(logits, head(feats.float()), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_runs_flush_subnormals_to_zero_and_restore_ieee_after(tmp_path, monkeypatch):
     """Subnormal arithmetic takes a microcode path on x86 (a 13x slower resnet25
     meta-training step measured); commands flush it, and put the global setting back."""

@@ -336,7 +336,7 @@ def test_omniglot_polarity_travels_to_folder_data_and_adapt(tmp_path, file_spy):
                                atol=1e-4)
     assert clf.warnings == []  # raw Omniglot PNGs are what the model was trained on
     # control: reading the raw files as stored gives other answers
-    clf.info = dataclasses.replace(clf.info, invert=False)
+    clf.model.preprocessing = dataclasses.replace(clf.model.preprocessing, invert=False)
     _, uninverted = adapt_episodes(clf, folder_split, sources)
     assert uninverted != predictions
     assert clf.warnings  # and the user is told why

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.pyplot as plt
+import pytest
+from matplotlib.container import ErrorbarContainer
+
 from metatransfer.report import min_span, render
 
 
@@ -13,8 +17,22 @@ def test_val_axis_spans_at_least_five_points():
     assert min_span(40.0, 70.0) == (40.0, 70.0)
 
 
-def test_report_renders_val_accuracy_with_its_ci(tmp_path):
+def test_report_renders_val_accuracy_with_its_ci(tmp_path, monkeypatch):
     rows = [{"phase": phase, "step": step, "loss": 1.0 / step, "val_acc": 60 + 0.1 * step,
              "val_ci95": 0.9} for phase in ("pretrain", "meta") for step in (1, 2, 3)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at it
     assert [p.name for p in render(tmp_path)] == ["learning_curves.png"]
+    (fig,) = figures
+    val_panels = [ax for ax in fig.axes if "val accuracy" in ax.get_title()]
+    assert len(val_panels) == 2  # pre-training and meta-training
+    for ax in val_panels:
+        (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        line, _, (ranges,) = bars
+        assert list(line.get_ydata()) == pytest.approx([60.1, 60.2, 60.3])
+        half_widths = [(top[1] - bottom[1]) / 2 for bottom, top in ranges.get_segments()]
+        assert half_widths == pytest.approx([0.9] * 3)  # each epoch's 95% CI
+        low, high = ax.get_ylim()
+        assert high - low >= 5.0  # a 0.2-point drift is not drawn as a steep curve
+    plt.close(fig)

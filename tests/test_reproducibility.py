@@ -13,6 +13,8 @@ from conftest import tiny_overrides
 from metatransfer.cli import main
 from metatransfer.config import from_dict
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the phases
+
 
 def run_once(out, amp: str) -> None:
     args = ["run", "--quiet"]

@@ -39,6 +39,8 @@ from metatransfer.errors import CheckpointError
 from metatransfer.runs import RunDir
 from metatransfer.training import CheckpointSchedule, StopRequest
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the phases
+
 TESTS = Path(__file__).resolve().parent
 # The child registers the toy dataset (conftest) and slows every fsync by 10 ms: timing
 # only, so the watcher below sees each checkpoint and each save's temp file reliably.

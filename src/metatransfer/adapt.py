@@ -1,7 +1,8 @@
 """Few-shot classification of the user's own images: the Python API and ``mtl adapt``.
 
-A :class:`FewShotClassifier` wraps a checkpoint and one evaluation method (``mtl``,
-``ft`` or ``protonet``, exactly as in meta-test): ``fit`` embeds a handful of labelled
+A :class:`FewShotClassifier` wraps a loaded model (:mod:`metatransfer.loader`) and one
+evaluation method (``mtl``, ``ft``, ``protonet`` or another that embeds once, the very
+classes meta-test runs, :mod:`metatransfer.methods`): ``fit`` embeds a handful of labelled
 images per class and runs the base learner on them, ``predict`` classifies new images.
 Images go through the training preprocessing (decode, resize, normalise), and the
 embedding and base-learner code are the ones meta-test uses, so adapting on an
@@ -26,24 +27,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
-from .checkpoints import (
-    PRETRAIN_NAME,
-    ModelInfo,
-    bn_changed_reason,
-    read_header,
-    resolve_checkpoint,
-    sibling_pretrained,
-)
+from .checkpoints import ModelInfo
+from .config import EvalConfig
 from .data.base import ImageSplit
 from .data.images import IMAGE_EXTENSIONS, CorruptImageError, decode_file, is_image_file
-from .data.transforms import Normalizer
 from .devices import autocast_enabled, resolve_device
+from .embedding import embed_one_call, uses_batch_stats
 from .errors import DataError, MTLError
-from .evaluation import Embedder, embed_one_call, uses_batch_stats
-from .learners import METHODS, episode_logits
-from .preprocessing import Decoding, decoding_of, polarity_warning
+from .loader import LoadedModel, available_methods, find_checkpoints, load_models
+from .methods.base import PRETRAINED
+from .methods.catalog import create_method, method_class
+from .methods.registry import EMBED_ONCE_METHODS
+from .preprocessing import Decoding, Preprocessing, polarity_warning
 
 log = logging.getLogger(__name__)
 
@@ -138,92 +134,54 @@ def _as_list(images) -> list:
     return list(images)
 
 
-# ----------------------------------------------------------------------------- models
-
-
-def _checkpoint_kind(path: Path) -> tuple[bool, bool]:
-    """``(has_head, bn_changed)`` from the file header, without reading the tensors
-    (``bn_changed``: its BN is no longer the pre-trained network's)."""
-    keys, info = read_header(path)  # clear truncated / not-ours / version errors
-    return any(k.startswith("head.") for k in keys), bn_changed_reason(info.extra) is not None
-
-
-def checkpoint_paths(checkpoint: str | Path) -> tuple[Path | None, Path | None]:
-    """``(meta_path, pretrained_path)`` of a run directory or a single checkpoint file.
-
-    A run directory gives its ``meta_best`` (for mtl) and ``pretrain_best`` (for the
-    baselines, as meta-test uses them); a file counts as meta-trained when it has a head.
-    """
-    path = Path(checkpoint)
-    if path.is_dir():
-        meta, pre = path / "meta_best.safetensors", path / PRETRAIN_NAME
-        meta_path = meta if meta.is_file() else None
-        pre_path = pre if pre.is_file() else None
-        if meta_path is None and pre_path is None:
-            return checkpoint_paths(resolve_checkpoint(path))  # model.safetensors or error
-        return meta_path, pre_path
-    file = resolve_checkpoint(path)
-    return (file, None) if _checkpoint_kind(file)[0] else (None, file)
-
-
-def available_methods(meta_path: Path | None, pretrained_path: Path | None) -> list[str]:
-    """Methods a checkpoint supports: mtl needs theta_0, the baselines plain features.
-
-    The first is the default: mtl when there is theta_0, else protonet.
-    """
-    head, bn_changed = _checkpoint_kind(meta_path) if meta_path else (False, False)
-    methods = ["mtl"] if head else []
-    pretrained_path = pretrained_path or (sibling_pretrained(meta_path) if bn_changed else None)
-    if pretrained_path is not None or (meta_path is not None and not bn_changed):
-        methods += ["protonet", "ft"]
-    return methods
+# ----------------------------------------------------------------------------- classifier
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
     return device if isinstance(device, torch.device) else resolve_device(device)
 
 
-# ----------------------------------------------------------------------------- classifier
+def _classifier_method(name: str) -> type:
+    """The class of method ``name``, which must embed once (a fitted support set)."""
+    cls = method_class(name)  # unknown names: a one-line error listing the methods
+    if not cls.embeds_once:
+        raise MTLError(f"method '{name}' fine-tunes the backbone per episode; a classifier "
+                       f"uses one that embeds once ({', '.join(EMBED_ONCE_METHODS)})")
+    return cls
 
 
 class FewShotClassifier:
     """A few-shot classifier: a frozen backbone plus a base learner fitted on support images.
 
     Args:
-        backbone: the (SS or plain) feature extractor of the checkpoint.
-        info: its :class:`~metatransfer.checkpoints.ModelInfo` (preprocessing, inner loop).
-        method: ``mtl`` (inner loop from ``head``), ``ft`` (inner loop from zero) or
-            ``protonet`` (nearest centroid).
-        head: theta_0 ``(weight (N, D), bias (N,))``, needed by ``mtl``.
+        model: the network (:func:`metatransfer.loader.load_models`): backbone, θ_0 and
+            the preprocessing every image goes through.
+        method: ``mtl`` (inner loop from θ_0), ``ft`` (inner loop from zero),
+            ``protonet`` (nearest centroid) or another registered method that embeds once.
         inner_steps, inner_lr: base-learner settings (default: the checkpoint's).
         amp: bf16 autocast of the backbone: ``auto`` (where the device has bf16 natively,
             as training and meta-test do), ``bf16`` or ``off``.
     """
 
-    def __init__(self, backbone: nn.Module, info: ModelInfo, method: str,
-                 head: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 device: str | torch.device = "auto", inner_steps: int | None = None,
-                 inner_lr: float | None = None, amp: str = "auto") -> None:
-        if method not in METHODS:
-            raise MTLError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
-        if method == "mtl" and head is None:
-            raise MTLError("method 'mtl' needs a meta-trained checkpoint (with theta_0); "
+    def __init__(self, model: LoadedModel, method: str, device: str | torch.device = "auto",
+                 inner_steps: int | None = None, inner_lr: float | None = None,
+                 amp: str = "auto") -> None:
+        if _classifier_method(method).needs_head and model.head is None:
+            raise MTLError(f"method '{method}' needs a meta-trained checkpoint (with theta_0); "
                            "use --method protonet or ft with a pre-trained one")
         self.device = _resolve_device(device)
-        self.info = info
-        self.method = method
-        self.inner_steps = info.inner_steps if inner_steps is None else int(inner_steps)
-        self.inner_lr = info.inner_lr if inner_lr is None else float(inner_lr)
-        self.head = None if head is None else tuple(t.to(self.device) for t in head)
-        self.embedder = Embedder(backbone.to(self.device).eval(),
-                                 Normalizer(info.mean, info.std, self.device), self.device,
-                                 amp=autocast_enabled(amp, self.device),
-                                 feature_norm=info.feature_norm)  # as meta-test, every method
+        self.model, self.info, self.method = model, model.info, method
+        self.inner_steps = model.info.inner_steps if inner_steps is None else int(inner_steps)
+        self.inner_lr = model.info.inner_lr if inner_lr is None else float(inner_lr)
+        # channels_last as runs default to, so the embeddings are meta-test's
+        self.embedder = model.embedder(self.device, amp=autocast_enabled(amp, self.device),
+                                       channels_last=True)
+        settings = EvalConfig(inner_steps=self.inner_steps, inner_lr=self.inner_lr)
+        self.learner = create_method(method, settings, model.head)
         # batch-statistics BN (the authors' TensorFlow model): one call, one BN batch
         self._one_call = uses_batch_stats(self.embedder.backbone)
         self.classes_: list[str] = []
         self.warnings: list[str] = []  # of the last fit: images unlike the training data
-        self._support: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
 
     # -- construction
@@ -239,13 +197,18 @@ class FewShotClassifier:
     # -- images
 
     @property
+    def preprocessing(self) -> Preprocessing:
+        """What every image goes through (the checkpoint's)."""
+        return self.model.preprocessing
+
+    @property
     def image_size(self) -> int:
-        return int(self.info.image_size)
+        return int(self.preprocessing.image_size)
 
     @property
     def decoding(self) -> Decoding:
         """What the training data's loader did to every image (see :func:`load_image`)."""
-        return decoding_of(self.info)
+        return self.preprocessing.decoding
 
     def preprocess(self, images: Iterable[ImageLike], what: str = "image") -> np.ndarray:
         """``(n, size, size, channels)`` uint8, exactly as the training data was prepared.
@@ -262,8 +225,9 @@ class FewShotClassifier:
 
     def embed(self, images: np.ndarray) -> torch.Tensor:
         """``(n, D)`` embeddings of preprocessed uint8 images, through meta-test's embedder."""
+        prep = self.preprocessing
         split = ImageSplit(images, np.zeros(len(images), np.int64), ["_"], "adapt",
-                           tuple(self.info.mean), tuple(self.info.std))
+                           tuple(prep.mean), tuple(prep.std))
         indices = np.arange(len(images))
         if self._one_call:
             return embed_one_call(self.embedder, split, indices)
@@ -296,9 +260,11 @@ class FewShotClassifier:
             labels += [label] * len(batch)
         rows = np.concatenate(arrays)
         self.warnings = self._check_polarity(rows)
-        self._support = self.embed(rows)[None]
+        feats = self.embed(rows)[None]
         self._labels = torch.as_tensor(labels, device=self.device)[None]
         self.classes_ = names
+        with torch.no_grad():
+            self.learner.fit(feats, self._labels, len(names))
         return self
 
     def _check_polarity(self, support: np.ndarray) -> list[str]:
@@ -319,16 +285,14 @@ class FewShotClassifier:
 
     def logits(self, images) -> torch.Tensor:
         """``(n, ways)`` query logits (float32, on the classifier's device)."""
-        if self._support is None:
+        if self._labels is None:
             raise MTLError("call fit(support) before predicting")
         batch = self.preprocess(images, what="query image")
         if len(batch) == 0:
             return torch.zeros(0, len(self.classes_), device=self.device)
         query = self.embed(batch)[None]
         with torch.no_grad():
-            logits = episode_logits(self.method, self._support, self._labels, query,
-                                    len(self.classes_), self.inner_steps, self.inner_lr,
-                                    self.head)
+            logits = self.learner.logits(query)
         return logits[0]
 
     def predict_proba(self, images) -> np.ndarray:
@@ -344,21 +308,16 @@ def load_classifiers(checkpoint: str | Path, methods: list[str] | None = None,
                      device: str | torch.device = "auto", inner_steps: int | None = None,
                      inner_lr: float | None = None, amp: str = "auto") -> list[FewShotClassifier]:
     """Classifiers for ``methods`` (default: the checkpoint's default), sharing backbones."""
-    from .phases.meta_test import load_models
-
-    meta_path, pre_path = checkpoint_paths(checkpoint)
-    usable = available_methods(meta_path, pre_path)
+    paths = find_checkpoints(checkpoint)
+    usable = available_methods(paths)
     methods = methods or usable[:1] or ["protonet"]
     for method in methods:
-        if method not in METHODS:
-            raise MTLError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
-        if method != "mtl" and method not in usable:
+        if _classifier_method(method).model == PRETRAINED and method not in usable:
             raise MTLError(f"method '{method}' needs pre-trained features: pass the run "
                            "directory (with pretrain_best.safetensors) or that file")
-    models = load_models(meta_path, pre_path, methods)
+    models = load_models(paths, methods)
     dev = _resolve_device(device)
-    return [FewShotClassifier(models[m][1], models[m][0], m, models[m][2], dev,
-                              inner_steps, inner_lr, amp) for m in methods]
+    return [FewShotClassifier(models[m], m, dev, inner_steps, inner_lr, amp) for m in methods]
 
 
 def domain_warning(info: ModelInfo, paths: Iterable[Path], sample: int = 8) -> str | None:

@@ -25,7 +25,11 @@ from .errors import CheckpointError
 
 FORMAT_VERSION = 1
 METADATA_KEY = "metatransfer"
-PRETRAIN_NAME = "pretrain_best.safetensors"  # a run directory's pre-trained model
+# a run directory's models: the best pre-trained and the best meta-trained one; a folder
+# holding a single other model calls it MODEL_NAME
+PRETRAIN_NAME = "pretrain_best.safetensors"
+META_NAME = "meta_best.safetensors"
+MODEL_NAME = "model.safetensors"
 
 
 @dataclass
@@ -94,7 +98,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint file or a run directory (its best meta, else pre-train model)."""
     path = Path(path)
     if path.is_dir():
-        for name in ("meta_best.safetensors", PRETRAIN_NAME, "model.safetensors"):
+        for name in (META_NAME, PRETRAIN_NAME, MODEL_NAME):
             if (path / name).is_file():
                 return path / name
         raise CheckpointError(f"{path} holds no model checkpoint (*.safetensors); train first")

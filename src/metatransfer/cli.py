@@ -1,6 +1,9 @@
 """The ``mtl`` command: parse, load the config, call a phase. Nothing else lives here.
 
-User errors (:class:`MTLError`) are caught once, here, and printed as one line.
+Every command is registered the same way: its parser is built in :func:`build_parser`
+and it runs a ``cmd_*`` function of this module, which imports what the command needs
+only when it runs (torch is slow to import: ``mtl --help`` must stay fast). User errors
+(:class:`MTLError`) are caught once, here, and printed as one line.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import METHODS, RunConfig, load_config, preset_description, preset_names
+from .config import CONFIG_NAME, RunConfig, load_config, preset_description, preset_names
 from .errors import ConfigError, MTLError
+from .methods.registry import EMBED_ONCE_METHODS
+from .serve import DEFAULT_MAX_UPLOAD_MB
 
 log = logging.getLogger("metatransfer")
 _current_run: list[str] = []  # the run directory in use, for the interrupt message
@@ -48,7 +53,7 @@ def add_config_options(parser: argparse.ArgumentParser, resume: bool = True) -> 
 def resolve_run_config(args: argparse.Namespace) -> RunConfig:
     """Config from --resume (the run's own config.yaml) or preset/file/overrides."""
     if args.resume:
-        saved = Path(args.resume) / "config.yaml"
+        saved = Path(args.resume) / CONFIG_NAME
         if not saved.is_file():
             raise ConfigError(f"{args.resume} is not a run directory (no config.yaml)")
         cfg = load_config(file=saved, overrides=args.overrides)
@@ -131,7 +136,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``adapt`` and ``serve``."""
     p.add_argument("--checkpoint", required=True,
                    help="run directory (meta_best, else pretrain_best) or .safetensors file")
-    p.add_argument("--method", choices=METHODS,
+    p.add_argument("--method", choices=EMBED_ONCE_METHODS,
                    help="mtl (SS + inner loop from theta_0), ft or protonet on pre-trained "
                         "features (default: mtl when the checkpoint is meta-trained)")
     p.add_argument("--device", default="auto",
@@ -145,17 +150,6 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="CPU threads; 0 = torch's default (default: %(default)s)")
 
 
-def lazy(module: str, name: str):
-    """A command function imported only when the command runs (torch is slow to import)."""
-
-    def command(args: argparse.Namespace) -> None:
-        import importlib
-
-        return getattr(importlib.import_module(f"metatransfer.{module}"), name)(args)
-
-    return command
-
-
 # ----------------------------------------------------------------------------- commands
 
 
@@ -164,6 +158,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .phases.meta_test import meta_test
     from .phases.meta_train import meta_train
     from .phases.pretrain import pretrain
+    from .results import write_timing
     from .runs import preflight
 
     cfg = resolve_run_config(args)
@@ -177,6 +172,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     meta = meta_train(cfg, run, device, pretrained, show)
     results = meta_test(cfg, run, device, meta, pretrained, show)
     results["run_seconds"] = round(time.perf_counter() - started, 1)
+    if run.is_main:  # meta-test wrote timing.json before the run's total was known
+        write_timing(run.path, results)
     print_results(run, results, f" ({results['run_seconds']:.0f} s)")
 
 
@@ -192,15 +189,14 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_meta_train(args: argparse.Namespace) -> None:
+    from .checkpoints import PRETRAIN_NAME, resolve_checkpoint
     from .phases.meta_train import meta_train
-    from .phases.pretrain import BEST
 
     cfg = resolve_run_config(args)
-    pretrained = Path(args.pretrained) if args.pretrained else Path(cfg.out) / BEST
+    pretrained = Path(args.pretrained) if args.pretrained else Path(cfg.out) / PRETRAIN_NAME
     if not pretrained.exists():
         raise MTLError(f"pre-trained checkpoint {pretrained} not found; run `mtl pretrain` "
                        "first or pass --pretrained FILE")
-    from .checkpoints import resolve_checkpoint
 
     pretrained = resolve_checkpoint(pretrained)
     check_data(cfg, ("meta",), pretrained)
@@ -212,45 +208,36 @@ def cmd_meta_train(args: argparse.Namespace) -> None:
 
 def cmd_meta_test(args: argparse.Namespace) -> None:
     """Evaluate into a new directory: the evaluated run's files are never rewritten."""
-    from .checkpoints import PRETRAIN_NAME, check_checkpoint
+    from .loader import find_checkpoints
 
     source = Path(args.checkpoint)
-    meta_path = pretrained_path = None
-    if source.is_dir():  # a run directory: its best meta and pre-trained models
-        if (source / "meta_best.safetensors").is_file():
-            meta_path = check_checkpoint(source / "meta_best.safetensors")
-        if (source / PRETRAIN_NAME).is_file():
-            pretrained_path = check_checkpoint(source / PRETRAIN_NAME)
-        if meta_path is None and pretrained_path is None:
-            meta_path = check_checkpoint(source)  # a lone model.safetensors, or the error
-    else:
-        meta_path = check_checkpoint(source)
-    if args.pretrained:
-        pretrained_path = check_checkpoint(args.pretrained)
+    paths = find_checkpoints(source, args.pretrained)  # validated before anything is made
     if args.methods:
         args.overrides.append(f"eval.methods=[{args.methods}]")
     if args.episodes:
         args.overrides.append(f"eval.episodes={args.episodes}")
-    if source.is_dir() and (source / "config.yaml").is_file() \
+    if source.is_dir() and (source / CONFIG_NAME).is_file() \
             and not (args.preset or args.config):
-        args.config = str(source / "config.yaml")
+        args.config = str(source / CONFIG_NAME)
     explicit = args.out or any(o.strip().startswith("out=") for o in args.overrides)
     cfg = resolve_run_config(args)
     from .phases.meta_test import meta_test
+    from .results import RESULTS_JSON
+
     if explicit:
         out = Path(cfg.out)
-        for name in ("results.json", "config.yaml"):
+        for name in (RESULTS_JSON, CONFIG_NAME):
             if (out / name).exists():
                 raise ConfigError(f"{out} already holds {name} (a run or an earlier "
                                   "evaluation); choose another --out")
     else:
         cfg.out = str(eval_dir(source, cfg))
-    first = meta_path if meta_path and "mtl" in cfg.eval.methods else pretrained_path
-    check_data(cfg, ("test",), first or meta_path)
+    first = paths.meta if paths.meta and "mtl" in cfg.eval.methods else paths.pretrained
+    check_data(cfg, ("test",), first or paths.meta)
     fresh = not Path(cfg.out).exists()
     try:
         run, device = start(cfg)
-        results = meta_test(cfg, run, device, meta_path, pretrained_path, not args.quiet)
+        results = meta_test(cfg, run, device, paths.meta, paths.pretrained, not args.quiet)
     except BaseException:
         from .distributed import is_main
 
@@ -265,13 +252,9 @@ def cmd_meta_test(args: argparse.Namespace) -> None:
 
 def print_results(run, results: dict, suffix: str = "") -> None:
     """The accuracy table, the paired differences and where the results are; closes the run."""
-    from .phases.meta_test import comparisons_table, results_table
+    from .results import printout
 
-    say(results_table(results))
-    if results["comparisons"]:
-        say("\npaired differences (points, 95% CI; * = CI excludes 0):\n"
-            + comparisons_table(results["comparisons"]))
-    say(f"\nresults in {run.path / 'results.md'}{suffix}")
+    say(printout(results, run.path, suffix))
     run.close()
 
 
@@ -288,6 +271,24 @@ def eval_dir(source: Path, cfg: RunConfig) -> Path:
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
+
+
+def cmd_adapt(args: argparse.Namespace) -> None:
+    from .adapt import cmd_adapt as adapt
+
+    adapt(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve import cmd_serve as serve
+
+    serve(args)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import render
+
+    print("\n".join(str(p) for p in render(args.run_dir)))
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -456,27 +457,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=1, metavar="K",
                    help="show the K best classes (default: %(default)s)")
     p.add_argument("--output", metavar="FILE", help="write predictions to FILE (.csv or .json)")
-    p.set_defaults(func=lazy("adapt", "cmd_adapt"))
+    p.set_defaults(func=cmd_adapt)
 
-    for register in _optional_commands():
-        register(sub)
+    p = sub.add_parser(
+        "serve", help="a local web page: drop images per class, classify new ones",
+        description="Start a local web page for few-shot classification with a checkpoint.")
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000,
+                   help="port; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, metavar="N",
+                   help=f"refuse requests larger than N MB (default {DEFAULT_MAX_UPLOAD_MB:g})")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("report", help="plot learning curves and accuracy of a run")
+    p.add_argument("run_dir", help="a run directory or benchmark folder")
+    p.set_defaults(func=cmd_report)
     return parser
-
-
-def _optional_commands():
-    """Commands whose modules register themselves (serve, report); these modules must
-    not import torch at module level, so that `mtl --help` stays fast."""
-    found = []
-    for module in ("serve", "report"):
-        try:
-            mod = __import__(f"metatransfer.{module}", fromlist=["register_cli"])
-        except ImportError as exc:
-            if exc.name and exc.name.startswith("metatransfer"):
-                continue
-            raise
-        if hasattr(mod, "register_cli"):
-            found.append(mod.register_cli)
-    return found
 
 
 def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: save and stop

@@ -21,6 +21,9 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+from .methods.registry import EMBED_ONCE_METHODS, check_methods
+
+CONFIG_NAME = "config.yaml"  # a run directory's resolved config
 
 
 @dataclass
@@ -148,10 +151,6 @@ class MetaConfig:
         return self.ht_tasks if self.ht != "off" else 0
 
 
-METHODS = ("mtl", "ft", "protonet")  # the episode learners (meta-test adds "ft-all")
-EVAL_METHODS = (*METHODS, "ft-all")  # what eval.methods may name
-
-
 @dataclass
 class EvalConfig:
     """Meta-test protocol: seeded episodes shared by all methods."""
@@ -160,8 +159,8 @@ class EvalConfig:
     ways: list[int] = field(default_factory=lambda: [5])  # ways to evaluate
     shots: list[int] = field(default_factory=lambda: [1, 5])  # shots to evaluate
     queries: int = 15  # queries per class
-    # methods to compare: mtl, ft, protonet, ft-all
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    # methods to compare: mtl, ft, protonet, ft-all, or any registered method
+    methods: list[str] = field(default_factory=lambda: list(EMBED_ONCE_METHODS))
     inner_steps: int = 100  # base-learner steps per episode
     inner_lr: float = 0.01  # base-learner learning rate
     seed: int = 1234  # episode seed, independent of the training seed
@@ -196,6 +195,13 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def eval_split(cfg: RunConfig) -> str:
+    """The on-disk split ``eval.split`` names (``test`` -> ``data.test_split`` etc.)."""
+    mapping = {"train": cfg.data.train_split, "val": cfg.data.val_split,
+               "test": cfg.data.test_split}
+    return mapping.get(cfg.eval.split, cfg.eval.split)
 
 
 # ----------------------------------------------------------------------------- keys
@@ -467,13 +473,6 @@ def _floats(obj: Any, prefix: str = ""):
             yield from _floats(value, f"{prefix}{f.name}.")
         elif isinstance(value, float):
             yield f"{prefix}{f.name}", value
-
-
-def check_methods(methods) -> None:
-    """Every evaluation method named must exist (checked before any training starts)."""
-    unknown = [m for m in methods if m not in EVAL_METHODS]
-    if unknown:
-        raise ConfigError(f"unknown method '{unknown[0]}'; choose from {', '.join(EVAL_METHODS)}")
 
 
 def validate(cfg: RunConfig) -> None:

@@ -2,119 +2,22 @@
 
 With the backbone fixed, BN in eval mode and no augmentation, an image's embedding does
 not depend on the episode it appears in. So we embed every image the episodes use once
-(batched, no autograd), then run all episodes on the cached embeddings, adapting many
-episodes' heads together in one batched inner loop. ``per_episode_accuracy`` is the
-plain one-episode-at-a-time reference the fast path is tested against.
+(batched, no autograd), then run all episodes on the cached embeddings: a method
+(:class:`~metatransfer.methods.FewShotMethod`) fits many episodes' support sets together
+and gives their query logits in one batched call. ``per_episode_accuracy`` is the plain
+one-episode-at-a-time reference the fast path is tested against.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
 from .data.base import ImageSplit
 from .data.episodes import EpisodeBatch, EpisodeSampler
-from .data.transforms import Normalizer, gather_uint8, to_device
-from .devices import autocast
-from .learners import episode_logits, normalize_features
-
-
-@dataclass
-class Embedder:
-    """A frozen backbone plus the preprocessing its inputs need."""
-
-    backbone: nn.Module
-    normalizer: Normalizer
-    device: torch.device
-    amp: bool = False
-    feature_norm: str = "none"
-
-    def autocast(self):
-        """bf16 autocast of the embed-once pass when ``amp`` (CUDA or a bf16-native CPU);
-        the embeddings are returned as fp32 either way."""
-        return autocast(self.amp, self.device)
-
-    @torch.no_grad()
-    def embed(self, split: ImageSplit, indices: np.ndarray, batch_size: int = 256,
-              progress: bool = False) -> torch.Tensor:
-        """``(len(indices), D)`` float32 embeddings of ``split.images[indices]``."""
-        was_training = self.backbone.training
-        self.backbone.eval()
-        out = []
-        chunks = range(0, len(indices), batch_size)
-        for start in tqdm(chunks, desc="embed", disable=not progress, leave=False):
-            images = self.normalizer(gather_uint8(split, indices[start:start + batch_size],
-                                                  self.device))
-            with self.autocast():
-                out.append(self.backbone(images).float())
-        self.backbone.train(was_training)
-        feats = torch.cat(out) if out else torch.zeros(0, 0, device=self.device)
-        return normalize_features(feats, self.feature_norm)
-
-
-def mean_ci95(accuracies: np.ndarray) -> tuple[float, float]:
-    """Mean accuracy and 95% CI half-width, in percent: ``1.96 * std / sqrt(n)``.
-
-    ``std`` is the sample standard deviation (ddof=1), 0 for a single episode.
-    """
-    acc = np.asarray(accuracies, dtype=np.float64) * 100.0
-    if len(acc) < 2:
-        return float(acc.mean()) if len(acc) else float("nan"), 0.0
-    return float(acc.mean()), float(1.96 * acc.std(ddof=1) / math.sqrt(len(acc)))
-
-
-def paired_difference(acc_a: np.ndarray, acc_b: np.ndarray) -> tuple[float, float]:
-    """Mean and 95% CI half-width of ``acc_a - acc_b`` per episode, in percentage points.
-
-    Two methods scored on the same episodes share each episode's difficulty, so the CI of
-    the per-episode difference is several times narrower than either method's own CI: it
-    is the one that says whether A beats B. Same convention as :func:`mean_ci95`.
-    """
-    a, b = np.asarray(acc_a, dtype=np.float64), np.asarray(acc_b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired accuracies need the same episodes; got {len(a)} and {len(b)}")
-    return mean_ci95(a - b)
-
-
-def setting_key(method: str, ways: int, shots: int) -> str:
-    """The key of one method's per-episode accuracies in one setting, e.g. ``mtl/5w1s``."""
-    return f"{method}/{ways}w{shots}s"
-
-
-def paired_row(acc_a: np.ndarray, acc_b: np.ndarray) -> dict:
-    """``acc_a - acc_b`` on their common prefix of episodes, as a comparison row's fields:
-    ``episodes`` (the prefix length), ``diff`` and ``ci95`` (:func:`paired_difference`,
-    rounded to 2 decimals) and ``significant`` (at least 2 episodes and ``|diff| > ci95``).
-    """
-    n = min(len(acc_a), len(acc_b))
-    diff, ci = paired_difference(acc_a[:n], acc_b[:n])
-    return {"episodes": n, "diff": round(diff, 2), "ci95": round(ci, 2),
-            "significant": bool(n >= 2 and abs(diff) > ci)}
-
-
-def comparison_rows(per_episode: dict[str, np.ndarray], pairs: list[tuple[str, str]],
-                    settings: list[tuple[int, int]]) -> list[dict]:
-    """Paired differences ``a - b`` for every pair and (ways, shots) both methods have.
-
-    ``per_episode`` maps :func:`setting_key` to accuracies of episodes ``0 .. n-1``; a method
-    scored on fewer episodes (``ft-all``) is compared on the common prefix, whose length is
-    recorded. Rounded like accuracies (2 decimals) so results stay byte-identical.
-    """
-    rows = []
-    for a, b in pairs:
-        for ways, shots in settings:
-            acc_a = per_episode.get(setting_key(a, ways, shots))
-            acc_b = per_episode.get(setting_key(b, ways, shots))
-            if acc_a is None or acc_b is None:
-                continue
-            rows.append({"a": a, "b": b, "ways": ways, "shots": shots,
-                         **paired_row(acc_a, acc_b)})
-    return rows
+from .data.transforms import to_device
+from .embedding import Embedder, embed_one_call, uses_batch_stats
+from .methods.base import FewShotMethod
 
 
 def episode_ids(count: int, rank: int = 0, world: int = 1) -> np.ndarray:
@@ -123,14 +26,11 @@ def episode_ids(count: int, rank: int = 0, world: int = 1) -> np.ndarray:
 
 
 def evaluate(
-    method: str,
+    method: FewShotMethod,
     embedder: Embedder,
     split: ImageSplit,
     sampler: EpisodeSampler,
     episodes: np.ndarray | int,
-    steps: int,
-    lr: float,
-    head: tuple[torch.Tensor, torch.Tensor] | None = None,
     episode_batch: int = 200,
     cache: dict | None = None,
     progress: bool = False,
@@ -138,11 +38,15 @@ def evaluate(
     """Per-episode query accuracy (fractions) of ``method`` on the given episode numbers.
 
     ``cache`` (optional) maps image index -> row of already-computed embeddings for this
-    embedder, so several methods or settings sharing a backbone embed each image once.
+    embedder, so several methods or settings sharing a backbone embed each image once. A
+    method that cannot embed once (``ft-all``) scores each episode from its images.
     """
     ids = np.arange(episodes) if isinstance(episodes, int) else np.asarray(episodes)
     if len(ids) == 0:
         return np.zeros(0)
+    if not method.embeds_once:
+        return np.array([method.episode_accuracy(embedder, split, sampler.episode(int(i)))
+                         for i in ids])
     batch = EpisodeBatch.concat([sampler.episode(int(i)) for i in ids])
     support_labels = to_device(batch.support_labels(), embedder.device)
     query_labels = to_device(batch.query_labels(), embedder.device)
@@ -172,22 +76,18 @@ def evaluate(
         for start in range(0, batch.tasks, episode_batch):
             support, query = chunk_feats(start)
             tasks = support.shape[0]
-            logits = episode_logits(method, support, support_labels.expand(tasks, -1), query,
-                                    ways, steps, lr, head)
+            logits = method.fit(support, support_labels.expand(tasks, -1), ways).logits(query)
             hits = (logits.argmax(-1) == query_labels).float().mean(1)
             correct.append(hits)
     return torch.cat(correct).cpu().numpy()
 
 
 def evaluate_all_ranks(
-    method: str,
+    method: FewShotMethod,
     embedder: Embedder,
     split: ImageSplit,
     sampler: EpisodeSampler,
     count: int,
-    steps: int,
-    lr: float,
-    head: tuple[torch.Tensor, torch.Tensor] | None = None,
     **kwargs,
 ) -> np.ndarray:
     """``(count,)`` per-episode accuracies of episodes ``0 .. count-1``, data parallel.
@@ -199,19 +99,8 @@ def evaluate_all_ranks(
     from . import distributed
 
     ids = episode_ids(count, distributed.rank(), distributed.world_size())
-    acc = evaluate(method, embedder, split, sampler, ids, steps, lr, head, **kwargs)
+    acc = evaluate(method, embedder, split, sampler, ids, **kwargs)
     return distributed.gather_by_index(ids, acc, count)
-
-
-def uses_batch_stats(backbone: nn.Module) -> bool:
-    """Whether some BatchNorm normalises with per-call batch statistics (no running ones)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
-               for m in backbone.modules())
-
-
-def embed_one_call(embedder: Embedder, split: ImageSplit, indices: np.ndarray) -> torch.Tensor:
-    """Embed ``indices`` in a single backbone call (their batch is the BN batch)."""
-    return embedder.embed(split, np.asarray(indices), batch_size=max(len(indices), 1))
 
 
 def _embed_needed(embedder: Embedder, split: ImageSplit, batch, cache: dict | None,
@@ -236,21 +125,20 @@ def _embed_needed(embedder: Embedder, split: ImageSplit, batch, cache: dict | No
 
 
 def per_episode_accuracy(
-    method: str,
+    method: FewShotMethod,
     embedder: Embedder,
     split: ImageSplit,
     sampler: EpisodeSampler,
     episode: int,
-    steps: int,
-    lr: float,
-    head: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> float:
     """Reference path: embed one episode's images and evaluate it alone."""
     batch = sampler.episode(episode)
+    if not method.embeds_once:
+        return method.episode_accuracy(embedder, split, batch)
     support = embedder.embed(split, batch.support[0])[None]
     query = embedder.embed(split, batch.query[0])[None]
     labels = torch.as_tensor(batch.support_labels(), device=embedder.device)[None]
     with torch.no_grad():
-        logits = episode_logits(method, support, labels, query, batch.ways, steps, lr, head)
+        logits = method.fit(support, labels, batch.ways).logits(query)
     truth = torch.as_tensor(batch.query_labels(), device=embedder.device)
     return float((logits[0].argmax(-1) == truth).float().mean())

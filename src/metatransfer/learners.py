@@ -6,7 +6,8 @@ gradient is written out (``(softmax - onehot) / n``) instead of calling autograd
 step: the same numbers, several times faster, and still differentiable by autograd, which
 is what the second-order meta-gradient needs. First order simply detaches it. With fewer
 support images than feature dimensions the loop runs in the span of the support features
-(``_adapt_dual``): the same numbers for a fraction of the work.
+(``_adapt_dual``): the same numbers for a fraction of the work. The few-shot methods
+built on this loop (``mtl``, ``ft``) are in :mod:`metatransfer.methods`.
 
 Shapes: ``T`` tasks, ``S`` support and ``Q`` query images per task, ``D`` feature
 dimension, ``N`` ways.
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from .config import METHODS  # defined there so that the CLI can list them without torch
 
 
 def linear_logits(weight: torch.Tensor, bias: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -106,15 +105,6 @@ def _adapt_dual(weight: torch.Tensor, bias: torch.Tensor, feats: torch.Tensor,
     return torch.baddbmm(weight, coef_t.transpose(1, 2), feats), bias + shift
 
 
-def prototype_logits(
-    support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, ways: int
-) -> torch.Tensor:
-    """ProtoNet: ``(T, Q, N)`` negative squared distances to the class centroids."""
-    onehot = F.one_hot(labels, ways).to(support.dtype)  # (T, S, N)
-    centroids = torch.bmm(onehot.transpose(1, 2), support) / onehot.sum(1).unsqueeze(-1)
-    return -torch.cdist(query, centroids).pow(2)
-
-
 def normalize_features(feats: torch.Tensor, mode: str) -> torch.Tensor:
     """Optional L2 normalisation of embeddings before the base learner."""
     if mode == "l2":
@@ -122,46 +112,3 @@ def normalize_features(feats: torch.Tensor, mode: str) -> torch.Tensor:
     if mode != "none":
         raise ValueError(f"unknown feature_norm '{mode}' (none | l2)")
     return feats
-
-
-def head_for_ways(weight0: torch.Tensor, bias0: torch.Tensor, ways: int):
-    """theta_0 for ``ways`` classes: itself when it has that many rows, else its mean row.
-
-    theta_0 is learned on episodes whose labels are random permutations, so its rows are
-    exchangeable; the mean row is the natural start for a different number of ways.
-    """
-    if weight0.shape[0] == ways:
-        return weight0, bias0
-    return (weight0.mean(0, keepdim=True).expand(ways, -1).contiguous(),
-            bias0.mean().expand(ways).contiguous())
-
-
-def episode_logits(
-    method: str,
-    support: torch.Tensor,
-    support_labels: torch.Tensor,
-    query: torch.Tensor,
-    ways: int,
-    steps: int,
-    lr: float,
-    head: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """``(T, Q, N)`` query logits of a batch of episodes for one evaluation method.
-
-    ``mtl`` adapts from theta_0 (``head``) on SS features; ``ft`` adapts the same inner
-    loop from zero on pre-trained features; ``protonet`` uses nearest centroids.
-    """
-    if method == "protonet":
-        return prototype_logits(support, support_labels, query, ways)
-    if method == "mtl":
-        if head is None:
-            raise ValueError("method 'mtl' needs the meta-learned head theta_0")
-        weight0, bias0 = head_for_ways(*head, ways)
-    elif method == "ft":
-        weight0 = support.new_zeros(ways, support.shape[-1])
-        bias0 = support.new_zeros(ways)
-    else:
-        raise ValueError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
-    weight, bias = adapt(weight0, bias0, support, support_labels, ways, steps, lr,
-                         first_order=True)
-    return linear_logits(weight, bias, query)

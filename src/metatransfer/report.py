@@ -6,7 +6,6 @@ rebuilt at any time from any run directory (or a benchmark folder of several run
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -147,9 +146,3 @@ def render(folder: str | Path) -> list[Path]:
         raise MTLError(f"{folder} has neither results.json nor metrics.jsonl; nothing to plot")
     written = [plot_learning_curves(runs, folder), plot_accuracy(results, folder)]
     return [p for p in written if p is not None]
-
-
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("report", help="plot learning curves and accuracy of a run")
-    parser.add_argument("run_dir", help="a run directory or benchmark folder")
-    parser.set_defaults(func=lambda args: print("\n".join(str(p) for p in render(args.run_dir))))

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from . import __version__, distributed
-from .config import RunConfig, save_config
+from .config import CONFIG_NAME, RunConfig, eval_split, save_config
 from .devices import autocast_enabled, native_bf16, precision
 from .errors import CheckpointError, DataError
 
@@ -137,8 +137,7 @@ def preflight(cfg: RunConfig, phases: tuple[str, ...] = PHASES,
                             "have that many; lower meta.ways, shots or queries, or raise "
                             "data.meta_holdout")
     if "test" in phases:
-        split = {"train": dc.train_split, "val": dc.val_split, "test": dc.test_split}
-        test = load_split(dc, split.get(ec.split, ec.split))
+        test = load_split(dc, eval_split(cfg))
         for ways in ec.ways:
             for shots in ec.shots:
                 test.require(ways, shots + ec.queries, f"{ways}-way {shots}-shot test episodes")
@@ -200,7 +199,7 @@ class RunDir:
     def write_config(self, cfg: RunConfig, device: torch.device, world_size: int = 1) -> None:
         if not self.is_main:
             return
-        save_config(cfg, self.path / "config.yaml")
+        save_config(cfg, self.path / CONFIG_NAME)
         env = {
             "metatransfer": __version__,
             "torch": torch.__version__,

@@ -47,12 +47,12 @@ def create_app(checkpoint: str | Path, method: str | None = None, device: str = 
     flask = _flask()
     from werkzeug.exceptions import RequestEntityTooLarge
 
-    from .adapt import available_methods, checkpoint_paths, load_classifiers, top_k
+    from .adapt import load_classifiers, top_k
+    from .loader import available_methods, find_checkpoints
 
     if max_upload_mb <= 0:
         raise MTLError("--max-upload-mb must be positive")
-    meta_path, pre_path = checkpoint_paths(checkpoint)
-    methods = available_methods(meta_path, pre_path)
+    methods = available_methods(find_checkpoints(checkpoint))
     if method is not None and method not in methods:
         raise MTLError(f"method '{method}' is not available with this checkpoint "
                        f"(available: {', '.join(methods) or 'none'})")
@@ -215,18 +215,3 @@ def _request_log():
 
     return RequestLog
 
-
-def register_cli(subparsers) -> None:
-    from .cli import add_model_options
-
-    p = subparsers.add_parser(
-        "serve", help="a local web page: drop images per class, classify new ones",
-        description="Start a local web page for few-shot classification with a checkpoint.")
-    add_model_options(p)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default: %(default)s, this machine only)")
-    p.add_argument("--port", type=int, default=8000,
-                   help="port; 0 picks a free one (default: %(default)s)")
-    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, metavar="N",
-                   help=f"refuse requests larger than N MB (default {DEFAULT_MAX_UPLOAD_MB:g})")
-    p.set_defaults(func=cmd_serve)

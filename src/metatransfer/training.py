@@ -1,9 +1,10 @@
 """The training loop both phases drive, and the safety machinery around it.
 
 A phase (pre-training, meta-training) builds its networks, optimizer and scheduler, then
-hands :class:`TrainingLoop` two functions: what one step computes (a :class:`Step`: the
-loss share of this process and the sums the epoch's metrics are made of) and how the
-phase is validated. The loop does the rest, identically for both:
+hands :class:`TrainingLoop` what the phase is (a :class:`LoopPhase`) and its functions:
+what one step computes (a :class:`Step`: the loss share of this process and the phase's
+:class:`EpochSums`, which the loop adds up over the epoch) and how the phase is validated.
+The loop does the rest, identically for both:
 
 * resume: the state file (``state/<phase>.pt``, see :class:`~metatransfer.runs.RunDir`)
   holds the modules, optimizer, scheduler, epoch, step in the epoch, best validation
@@ -28,8 +29,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import RunConfig
-from .errors import MTLError
+from .errors import CheckpointError, MTLError
 from .runs import RunDir, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -193,18 +194,64 @@ def clip_and_norm(params, clip: float) -> torch.Tensor:
 
 
 @dataclass
+class EpochSums:
+    """Base of a phase's running sums over an epoch: a dataclass of numbers (device scalars
+    or ints) whose fields default to 0. Each applied step's sums are added to the epoch's
+    field by field; a fresh instance is the zero they start from."""
+
+    def __add__(self, other: EpochSums) -> EpochSums:
+        return type(self)(**{f.name: getattr(self, f.name) + getattr(other, f.name)
+                             for f in fields(self)})
+
+    def state(self) -> dict:
+        """The sums as a plain dict, for the resume state."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_state(cls, saved: dict, device: torch.device) -> EpochSums:
+        missing = [f.name for f in fields(cls) if f.name not in saved]
+        if missing:
+            raise CheckpointError(f"the saved mid-epoch state has no running sum "
+                                  f"'{missing[0]}' (written by another version); delete the "
+                                  "run's state/ folder to start the phase over")
+        return cls(**{f.name: _to(saved[f.name], device) for f in fields(cls)})
+
+
+def _to(value, device: torch.device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+@dataclass
 class Step:
     """What one training step of a phase computed.
 
     ``loss``: this process's share of the batch's loss (the shares sum to the loss of the
     whole batch), the tensor the loop back-propagates and the NaN guard checks.
-    ``sums``: added to the epoch's running sums of the same names when the step is applied
-    (not when it is skipped); ``count``: added to the running count.
+    ``sums``: added to the epoch's running sums when the step is applied (not when it is
+    skipped).
     """
 
     loss: torch.Tensor
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    count: int = 1
+    sums: EpochSums
+
+
+@dataclass(frozen=True)
+class LoopPhase:
+    """What the loop needs to know of the phase it runs, besides its step and validation."""
+
+    name: str  # the state file (state/<name>.pt) and the metrics records
+    title: str  # the phase in messages, e.g. "pre-training"
+    best: str  # file name of the best model in the run directory
+    epochs: int
+    grad_clip: float  # max gradient norm; 0 = off
+    nan_hint: str  # what to change when the loss goes NaN
+    val_setting: str  # the validation episodes in the log, e.g. "5-way 1-shot"
+    sums: type[EpochSums]  # what the phase's steps sum over an epoch
+    label: str = ""  # in progress bars and epoch logs (default: name)
+    # a fresh run first validates the model it starts from (logged as epoch 0), which stays
+    # the best unless an epoch beats it; meta-training uses it so that SS which only hurts
+    # new classes is never selected over the pre-trained network
+    validate_start: bool = False
 
 
 class TrainingLoop:
@@ -212,51 +259,34 @@ class TrainingLoop:
 
     Use, in a phase::
 
-        loop = TrainingLoop("meta", "meta-training", cfg, run, device, epochs=..., ...)
+        loop = TrainingLoop(LoopPhase("meta", "meta-training", ...), cfg, run, device)
         if loop.finished:
             return loop.best_path
         if not loop.resuming:
             seed_phase(cfg.seed, "meta")   # before building networks
         ...build networks, optimizer, scheduler...
         loop.restore({"learner": learner}, optimizer, scheduler)
-        return loop.run(steps_per_epoch, step, validate, summary, save_best, "5-way 1-shot")
+        return loop.run(steps_per_epoch, step, validate, summary, save_best)
 
-    ``phase`` names the state file and the metrics records, ``title`` the phase in messages,
-    ``label`` (default ``phase``) in progress bars and epoch logs; ``best`` is the file name
-    of the best model in the run directory; ``nan_hint`` what to change when the loss goes
-    NaN; ``sums`` and ``count`` name the epoch's running sums (device scalars) and count
-    (an int), the ``totals`` of a state.
+    Everything the loop needs besides the phase's functions is built here: the saved
+    state, the NaN guard, the checkpoint schedule.
     """
 
-    def __init__(
-        self,
-        phase: str,
-        title: str,
-        cfg: RunConfig,
-        run: RunDir,
-        device: torch.device,
-        *,
-        epochs: int,
-        grad_clip: float,
-        nan_hint: str,
-        sums: Sequence[str],
-        count: str,
-        best: str,
-        label: str | None = None,
-        show: bool = True,
-    ) -> None:
-        self.phase, self.title, self.label = phase, title, label or phase
+    def __init__(self, phase: LoopPhase, cfg: RunConfig, run: RunDir, device: torch.device,
+                 show: bool = True) -> None:
+        self.phase, self.label = phase, phase.label or phase.name
         self.run_dir, self.device, self.show = run, device, show
-        self.epochs, self.best_path = epochs, run.path / best
-        self.nan_policy, self.nan_hint, self.grad_clip = cfg.nan_policy, nan_hint, grad_clip
-        self.every_steps, self.minutes = cfg.checkpoint_every_steps, cfg.checkpoint_minutes
-        self.sum_names, self.count_name = tuple(sums), count
-        self.state = distributed.broadcast_object(run.load_state(phase) if run.is_main else None)
+        self.best_path = run.path / phase.best
+        self.nan_policy = cfg.nan_policy
+        self.guard = FiniteGuard(cfg.nan_policy, phase.title, device, phase.nan_hint)
+        self.schedule = CheckpointSchedule(cfg.checkpoint_every_steps, cfg.checkpoint_minutes)
+        self.state = distributed.broadcast_object(
+            run.load_state(phase.name) if run.is_main else None)
         self.epoch, self.start_step, self.best_acc = 0, 0, -1.0
         self._totals: dict | None = None
         self.modules: dict[str, nn.Module] = {}
         if self.finished:
-            log.info("%s already complete in %s", title, run.path)
+            log.info("%s already complete in %s", phase.title, run.path)
 
     @property
     def finished(self) -> bool:
@@ -302,27 +332,25 @@ class TrainingLoop:
 
     # ------------------------------------------------------------- running
     def _save(self, step_in_epoch: int, epoch: int, done: bool = False,
-              running: dict | None = None) -> None:
+              totals: EpochSums | None = None) -> None:
         self.guard.check()  # never save a state that has seen a NaN/Inf loss
-        self.run_dir.save_state(self.phase, {
+        running = {**totals.state(), "skipped": self.guard.skipped} if totals else {}
+        self.run_dir.save_state(self.phase.name, {
             **{key: module.state_dict() for key, module in self.modules.items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "epoch": epoch, "step": step_in_epoch, "best_acc": self.best_acc, "rng": rng_state(),
-            "done": done, "totals": running or {},
+            "done": done, "totals": running,
         })
         self.schedule.saved()
 
-    def _new_totals(self) -> dict:
+    def _new_totals(self) -> EpochSums:
         """The epoch's running sums, from zero or from the state of a mid-epoch resume."""
-        totals: dict = {name: torch.zeros((), device=self.device) for name in self.sum_names}
-        totals[self.count_name] = 0
         self.guard.skipped = 0
-        if self._totals:
-            for name in self.sum_names:
-                totals[name] += self._totals[name].to(self.device)
-            totals[self.count_name] = self._totals[self.count_name]
-            self.guard.skipped = self._totals["skipped"]
-            self._totals = None
+        if not self._totals:
+            return self.phase.sums()
+        totals = self.phase.sums.from_state(self._totals, self.device)
+        self.guard.skipped = self._totals["skipped"]
+        self._totals = None
         return totals
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -339,10 +367,8 @@ class TrainingLoop:
         steps_per_epoch: int,
         step: Callable[[int, int], Step],
         validate: Callable[[], tuple[float, float]],
-        summary: Callable[[dict], dict],
+        summary: Callable[[EpochSums], dict],
         save_best: Callable[[], None],
-        val_setting: str,
-        validate_start: bool = False,
     ) -> Path:
         """Train the remaining epochs; returns :attr:`best_path`.
 
@@ -350,41 +376,35 @@ class TrainingLoop:
         one step's :class:`Step`; ``validate()`` gives the validation accuracy and its 95%
         CI (percent); ``summary(totals)`` turns the epoch's running sums into the train
         metrics ``loss``, ``train_acc`` and any extra values (it may all-reduce: every
-        process calls it); ``save_best()`` writes the best model (main process only);
-        ``val_setting`` (e.g. "5-way 1-shot") is for the log. ``validate_start``: a fresh
-        run first validates the model it starts from (logged as epoch 0), which stays the
-        best unless an epoch beats it; meta-training uses it so that SS which only hurts
-        new classes is never selected over the pre-trained network.
+        process calls it); ``save_best()`` writes the best model (main process only).
         """
-        self.guard = FiniteGuard(self.nan_policy, self.title, self.device, self.nan_hint)
-        self.schedule = CheckpointSchedule(self.every_steps, self.minutes)
-        want_norm = needs_grad_norm(self.nan_policy, self.grad_clip)
+        phase, run, guard = self.phase, self.run_dir, self.guard
+        want_norm = needs_grad_norm(self.nan_policy, phase.grad_clip)
         stop = stop_request()
-        run, guard, optimizer = self.run_dir, self.guard, self.optimizer
-        per_step = steps_per_epoch
+        optimizer, per_step = self.optimizer, steps_per_epoch
         if self.resuming:
             if self.start_step >= per_step:  # stopped after an epoch's last step
                 log.info("resuming %s after the last step of epoch %d: its validation is next",
-                         self.title, self.epoch + 1)
+                         phase.title, self.epoch + 1)
             else:
                 log.info("resuming %s at epoch %d, step %d (1-based)",
-                         self.title, self.epoch + 1, self.start_step + 1)
+                         phase.title, self.epoch + 1, self.start_step + 1)
 
-        if validate_start and not self.resuming and self.epochs > 0:
+        if phase.validate_start and not self.resuming and phase.epochs > 0:
             val_acc, val_ci = validate()
             self.best_acc = val_acc
             if run.is_main:
                 save_best()
-            run.log(self.phase, 0, val_acc=val_acc, val_ci95=val_ci)
+            run.log(phase.name, 0, val_acc=val_acc, val_ci95=val_ci)
             log.info("%s epoch 0 (the starting model): val %s %.2f%% ± %.2f", self.label,
-                     val_setting, val_acc, val_ci)
-        while self.epoch < self.epochs:
+                     phase.val_setting, val_acc, val_ci)
+        while self.epoch < phase.epochs:
             epoch = self.epoch
             for module in self.modules.values():
                 module.train(self.train_mode)
             totals = self._new_totals()
             bar = progress(range(self.start_step, per_step), run.is_main and self.show,
-                           desc=f"{self.label} {epoch + 1}/{self.epochs}", leave=False)
+                           desc=f"{self.label} {epoch + 1}/{phase.epochs}", leave=False)
             for i in bar:
                 if self.train_mode:  # in eval mode nothing updates the buffers
                     guard.protect(*self.modules.values())
@@ -392,16 +412,14 @@ class TrainingLoop:
                 optimizer.zero_grad(set_to_none=True)
                 self._backward(result.loss)
                 global_step = epoch * per_step + i + 1
-                norm = clip_and_norm(self.params, self.grad_clip) if want_norm else None
+                norm = clip_and_norm(self.params, phase.grad_clip) if want_norm else None
                 if guard.allow(result.loss, global_step, norm):
                     optimizer.step()
-                    for name, value in result.sums.items():
-                        totals[name] += value
-                    totals[self.count_name] += result.count
+                    totals = totals + result.sums
                 if self.scheduler_per == "step":
                     self.scheduler.step()
                 if stop.requested or self.schedule.due(global_step):
-                    self._save(i + 1, epoch, running={**totals, "skipped": guard.skipped})
+                    self._save(i + 1, epoch, totals=totals)
                 if stop.requested:
                     raise KeyboardInterrupt
             self.start_step = 0
@@ -422,12 +440,12 @@ class TrainingLoop:
             train_loss, train_acc = metrics.pop("loss"), metrics.pop("train_acc")
             if self.nan_policy == "skip":
                 metrics["skipped_batches"] = guard.skipped
-            run.log(self.phase, self.epoch, loss=train_loss, train_acc=train_acc,
+            run.log(phase.name, self.epoch, loss=train_loss, train_acc=train_acc,
                     val_acc=val_acc, val_ci95=val_ci, **metrics)
             log.info("%s epoch %d/%d: loss %.4f, val %s %.2f%% ± %.2f%s", self.label,
-                     self.epoch, self.epochs, train_loss, val_setting, val_acc, val_ci,
+                     self.epoch, phase.epochs, train_loss, phase.val_setting, val_acc, val_ci,
                      " (best)" if improved else "")
-            self._save(0, self.epoch, done=self.epoch >= self.epochs)
+            self._save(0, self.epoch, done=self.epoch >= phase.epochs)
             if stop.requested:
                 raise KeyboardInterrupt
         if not self.best_path.is_file() and run.is_main:  # zero epochs: the initial model

@@ -56,6 +56,19 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
     return factory(**kwargs)
 
 
+def place_backbone(model: nn.Module, device: torch.device, channels_last: bool = False,
+                   compile: bool = False) -> nn.Module:
+    """Device placement, memory format and optional ``torch.compile``, in place (so the
+    state-dict keys and checkpoints stay those of the plain module): the one way every
+    phase and tool puts a backbone where it runs."""
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile()
+    return model
+
+
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1, bias: bool = False) -> SSConv2d:
     return SSConv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=bias)
 

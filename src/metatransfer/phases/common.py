@@ -10,8 +10,11 @@ from ..data.base import ImageSplit
 from ..data.episodes import EpisodeSampler
 from ..data.transforms import Normalizer
 from ..devices import autocast, autocast_enabled  # noqa: F401  (autocast: the phases' import)
-from ..evaluation import Embedder, evaluate_all_ranks, mean_ci95
-from ..models import create_backbone
+from ..embedding import Embedder
+from ..evaluation import evaluate_all_ranks
+from ..methods.base import FewShotMethod
+from ..models import create_backbone, place_backbone
+from ..results import mean_ci95
 
 
 def use_amp(cfg: RunConfig, device: torch.device) -> bool:
@@ -36,8 +39,9 @@ class Float32(nn.Module):
             return self.module(x.float())
 
 
-def channels_last(cfg: RunConfig, device: torch.device) -> bool:
-    """NHWC activations: faster convolutions on CUDA and with oneDNN on CPU."""
+def channels_last(cfg: RunConfig) -> bool:
+    """NHWC activations (``cfg.channels_last``): faster convolutions on CUDA and with oneDNN
+    on CPU alike, so the setting does not depend on the device."""
     return cfg.channels_last
 
 
@@ -48,29 +52,26 @@ def new_backbone(cfg: RunConfig, in_channels: int, device: torch.device) -> nn.M
 
 
 def prepare_backbone(cfg: RunConfig, model: nn.Module, device: torch.device) -> nn.Module:
-    """Device placement, memory format and optional ``torch.compile`` (in place, so the
-    state-dict keys and checkpoints stay those of the plain module)."""
-    model = model.to(device)
-    if channels_last(cfg, device):
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        model.compile()
-    return model
+    """:func:`~metatransfer.models.place_backbone` with the run's memory format and
+    ``compile``."""
+    return place_backbone(model, device, channels_last(cfg), cfg.compile)
 
 
 def make_embedder(cfg: RunConfig, backbone: nn.Module, split: ImageSplit,
                   device: torch.device, feature_norm: str = "none") -> Embedder:
+    """The validation embedder of a network being trained, normalising with ``split``'s
+    statistics (a loaded model makes its own: :meth:`LoadedModel.embedder`)."""
     return Embedder(backbone, make_normalizer(cfg, split, device), device,
                     amp=use_amp(cfg, device), feature_norm=feature_norm)
 
 
 def make_normalizer(cfg: RunConfig, split: ImageSplit, device: torch.device) -> Normalizer:
-    return Normalizer(split.mean, split.std, device, channels_last(cfg, device))
+    """The training phases' normaliser: ``split``'s statistics, the run's memory format."""
+    return Normalizer(split.mean, split.std, device, channels_last(cfg))
 
 
-def validation_accuracy(method: str, embedder: Embedder, split: ImageSplit, ways: int,
-                        shots: int, queries: int, episodes: int, seed: int,
-                        steps: int = 0, lr: float = 0.0, head=None) -> tuple[float, float]:
+def validation_accuracy(method: FewShotMethod, embedder: Embedder, split: ImageSplit, ways: int,
+                        shots: int, queries: int, episodes: int, seed: int) -> tuple[float, float]:
     """Mean and CI (percent) of ``method`` on seeded validation episodes.
 
     The episodes come from the ``selection`` stream (seed ``eval.val_seed``), never from
@@ -78,5 +79,5 @@ def validation_accuracy(method: str, embedder: Embedder, split: ImageSplit, ways
     """
     sampler = EpisodeSampler(split.indices_by_class, ways, shots, queries, seed, split.name,
                              stream="selection")
-    acc = evaluate_all_ranks(method, embedder, split, sampler, episodes, steps, lr, head)
+    acc = evaluate_all_ranks(method, embedder, split, sampler, episodes)
     return mean_ci95(acc)

@@ -7,7 +7,12 @@ with the evaluation seed, then score each method on exactly those episodes:
 * ``ft``: the same inner loop from zero on the plain pre-trained features;
 * ``protonet``: nearest class centroid on the pre-trained features;
 * ``ft-all``: the whole pre-trained backbone fine-tuned per task (first
-  ``eval.ft_all_episodes`` episodes only: it cannot embed once, so it is costly).
+  ``eval.ft_all_episodes`` episodes only: it cannot embed once, so it is costly);
+* any other method registered with ``@register_method`` (:mod:`metatransfer.methods`).
+
+Each method runs on the network its class names (the meta model for ``mtl``, the
+pre-trained ``pretrain_best`` for the baselines, :func:`metatransfer.loader.load_models`),
+under that network's preprocessing; every image is embedded once per network.
 
 Accuracy is the mean over episodes with a 95% confidence interval, in percent. Because
 the episodes are shared, methods are compared by the paired difference of their
@@ -17,89 +22,66 @@ unpaired ones; the per-episode accuracies go to ``episodes.json`` for later comp
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from .. import distributed
-from ..checkpoints import (
-    ModelInfo,
-    bn_changed_reason,
-    build_backbone,
-    load_model,
-    sibling_pretrained,
-)
-from ..config import EVAL_METHODS, RunConfig, check_methods
+from ..config import RunConfig, eval_split
 from ..data import load_split
+from ..data.base import ImageSplit
 from ..data.episodes import EpisodeSampler
 from ..devices import precision
+from ..embedding import Embedder
 from ..errors import MTLError
-from ..evaluation import (
-    comparison_rows,
-    episode_ids,
-    evaluate_all_ranks,
-    mean_ci95,
-    setting_key,
-)
-from ..finetune import evaluate_ft_all
+from ..evaluation import evaluate_all_ranks
+from ..loader import CheckpointPaths, LoadedModel, load_models
+from ..methods.catalog import create_method
+from ..methods.registry import check_methods, comparison_pairs
 from ..preprocessing import apply_stats, check_decoding, for_checkpoint
+from ..results import comparison_rows, result_row, setting_key, training_sizes, write_results
 from ..runs import RunDir
-from .common import make_embedder, prepare_backbone, use_amp
+from .common import channels_last, use_amp
 
 log = logging.getLogger(__name__)
-ALL_METHODS = EVAL_METHODS
-# what a run can answer: does meta-transfer beat each baseline, and ft beat protonet
-PAIRS = (("mtl", "ft"), ("mtl", "protonet"), ("mtl", "ft-all"), ("ft", "protonet"))
 
 
-def split_name(cfg: RunConfig) -> str:
-    """The on-disk split ``eval.split`` refers to (``test`` -> ``data.test_split`` etc.)."""
-    mapping = {"train": cfg.data.train_split, "val": cfg.data.val_split,
-               "test": cfg.data.test_split}
-    return mapping.get(cfg.eval.split, cfg.eval.split)
+@dataclass
+class TestNetwork:
+    """One loaded network on the evaluated split: the images under its preprocessing,
+    its embedder, and the embeddings computed so far (shared by its methods)."""
+
+    model: LoadedModel
+    split: ImageSplit
+    embedder: Embedder
+    cache: dict
 
 
-def load_models(meta_path: Path | None, pretrained_path: Path | None, methods: list[str]):
-    """Backbones per method: the SS backbone (+θ_0) for mtl, the plain one for baselines."""
-    models: dict[str, tuple[ModelInfo, nn.Module, tuple | None]] = {}
-    meta = load_model(meta_path) if meta_path else None
-    if "mtl" in methods:
-        if meta is None or not meta[2]:
-            raise MTLError("method 'mtl' needs a meta-trained checkpoint (run meta-train first, "
-                           "or pass --checkpoint)")
-        info, state, head = meta
-        models["mtl"] = (info, build_backbone(info, state), (head["weight"], head["bias"]))
-    baselines = [m for m in methods if m != "mtl"]
-    if baselines:
-        changed = bn_changed_reason(meta[0].extra) if meta is not None else None
-        if pretrained_path is None and changed:
-            pretrained_path = sibling_pretrained(meta_path)  # the run directory's
-            if pretrained_path is not None:
-                log.info("baselines %s use %s: %s", ", ".join(baselines), pretrained_path,
-                         changed)
-        if pretrained_path is not None:
-            info, state, _ = load_model(pretrained_path)
-        elif meta is not None and not changed:
-            # W and b are frozen during meta-training: dropping SS gives the pre-trained net
-            info, state = meta[0], {k: v for k, v in meta[1].items()
-                                    if not k.endswith(("ss_scale", "ss_shift"))}
-        elif meta is not None:
-            raise MTLError(f"methods {', '.join(baselines)} are the pre-trained network, but "
-                           f"{meta_path} is not ({changed}): pass --pretrained with the "
-                           "checkpoint meta-training started from (pretrain_best.safetensors, "
-                           "or the imported pre-trained model)")
-        else:
-            raise MTLError(f"methods {', '.join(baselines)} need the pre-trained checkpoint "
-                           "(pass --pretrained)")
-        plain = (info, build_backbone(info, state), None)
-        for method in baselines:
-            models[method] = plain
-    return models
+def test_networks(cfg: RunConfig, device: torch.device,
+                  models: dict[str, LoadedModel]) -> dict[LoadedModel, TestNetwork]:
+    """Each distinct network of ``models`` on the evaluated split, under its checkpoint's
+    preprocessing (size, resize policy, statistics, feature normalisation) unless the
+    config overrides it explicitly; splits of the same geometry are loaded once."""
+    loaded, networks = {}, {}
+    for model in dict.fromkeys(models.values()):
+        data, model.preprocessing = for_checkpoint(cfg.data, model.info, "meta-test: ")
+        geometry = (data.image_size, data.resize, data.channels, data.invert)
+        if geometry not in loaded:
+            with distributed.local_main_first():
+                loaded[geometry] = load_split(data, eval_split(cfg))
+        check_decoding(loaded[geometry], model.preprocessing)  # e.g. raw Omniglot inverted
+        split = apply_stats(loaded[geometry], model.preprocessing, "meta-test: ")
+        if model.channels != split.channels:
+            raise MTLError(f"the {model.info.backbone} checkpoint expects {model.channels}-"
+                           f"channel images but {split.name} has {split.channels}; "
+                           "evaluate it on a dataset like the one it was trained on")
+        embedder = model.embedder(device, use_amp(cfg, device), channels_last(cfg), cfg.compile)
+        networks[model] = TestNetwork(model, split, embedder, {})
+    return networks
 
 
 def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path | None,
@@ -107,32 +89,11 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
     """Evaluate every method on the same seeded episodes; write results.json / results.md."""
     ec = cfg.eval
     check_methods(ec.methods)  # configs built in code skip validate()
-    models = load_models(meta_path, pretrained_path, ec.methods)
-    # each model sees its checkpoint's preprocessing (size, resize policy, statistics,
-    # feature normalisation) unless the config overrides it explicitly
-    splits, loaded, preps, embedders, caches = {}, {}, {}, {}, {}
-    for info, backbone, _ in models.values():
-        key = id(backbone)
-        if key in embedders:
-            continue
-        data, prep = for_checkpoint(cfg.data, info, "meta-test: ")
-        geometry = (data.image_size, data.resize, data.channels, data.invert)
-        if geometry not in loaded:
-            with distributed.local_main_first():
-                loaded[geometry] = load_split(data, split_name(cfg))
-        check_decoding(loaded[geometry], prep)  # e.g. raw Omniglot files inverted for it
-        splits[key] = apply_stats(loaded[geometry], prep, "meta-test: ")
-        if info.in_channels != splits[key].channels:
-            raise MTLError(f"the {info.backbone} checkpoint expects {info.in_channels}-channel "
-                           f"images but {splits[key].name} has {splits[key].channels}; "
-                           "evaluate it on a dataset like the one it was trained on")
-        preps[key] = prep
-        prepare_backbone(cfg, backbone, device).eval()
-        norm = info.feature_norm  # the same features the inner loop was tuned for
-        embedders[key] = make_embedder(cfg, backbone, splits[key], device, norm)
-        caches[key] = {}
-    first = id(next(iter(models.values()))[1])
-    split = splits[first]
+    models = load_models(CheckpointPaths(meta_path, pretrained_path), ec.methods)
+    networks = test_networks(cfg, device, models)
+    methods = {m: create_method(m, ec, models[m].head) for m in ec.methods}
+    first = next(iter(networks.values()))  # the meta model's when there is one
+    split = first.split
     rows = []
     per_episode: dict[str, np.ndarray] = {}
     started = time.perf_counter()
@@ -141,32 +102,21 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
             split.require(ways, shots + ec.queries, f"{ways}-way {shots}-shot test episodes")
             sampler = EpisodeSampler(split.indices_by_class, ways, shots, ec.queries,
                                      seed=ec.seed, name=split.name)
-            for method in ec.methods:
-                info, backbone, head = models[method]
-                if method == "ft-all":
-                    count = min(ec.ft_all_episodes, ec.episodes)
-                    ids = episode_ids(count, distributed.rank(), distributed.world_size())
-                    acc = distributed.gather_by_index(ids, evaluate_ft_all(
-                        backbone, splits[id(backbone)], sampler, ids, device, ec.ft_all_steps,
-                        ec.ft_all_lr), count)
-                else:
-                    if head is not None:
-                        head = (head[0].to(device), head[1].to(device))
-                    # each process runs its share of the episodes; all of them are gathered
-                    acc = evaluate_all_ranks(method, embedders[id(backbone)],
-                                             splits[id(backbone)], sampler, ec.episodes,
-                                             ec.inner_steps, ec.inner_lr, head,
-                                             episode_batch=ec.episode_batch,
-                                             cache=caches[id(backbone)],
-                                             progress=show and run.is_main)
-                rows.append(result_row(method, ways, shots, ec.queries, acc))
-                per_episode[setting_key(method, ways, shots)] = np.asarray(acc)
+            for name, method in methods.items():
+                net = networks[models[name]]
+                count = min(method.max_episodes or ec.episodes, ec.episodes)
+                # each process runs its share of the episodes; all of them are gathered
+                acc = evaluate_all_ranks(method, net.embedder, net.split, sampler, count,
+                                         episode_batch=ec.episode_batch, cache=net.cache,
+                                         progress=show and run.is_main)
+                rows.append(result_row(name, ways, shots, ec.queries, acc))
+                per_episode[setting_key(name, ways, shots)] = np.asarray(acc)
     settings = [(ways, shots) for ways in ec.ways for shots in ec.shots]
-    pairs = [(a, b) for a, b in PAIRS if a in ec.methods and b in ec.methods]
+    preprocessing = first.model.preprocessing.as_dict()
     results = {
         "dataset": cfg.data.name,
-        "split": split_name(cfg),
-        "backbone": models[ec.methods[0]][0].backbone,  # validate() forbids no methods
+        "split": eval_split(cfg),
+        "backbone": models[ec.methods[0]].info.backbone,  # validate() forbids no methods
         "seed": cfg.seed,
         "eval_seed": ec.seed,
         "selection_seed": ec.val_seed,  # in-training validation: a stream apart from these
@@ -177,106 +127,16 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
         "world_size": distributed.world_size(),
         "training": training_sizes(cfg),
         "eval_seconds": round(time.perf_counter() - started, 2),
-        "preprocessing": preps[first].as_dict(),
+        "preprocessing": preprocessing,
         "results": rows,
-        "comparisons": comparison_rows(per_episode, pairs, settings),
+        "comparisons": comparison_rows(per_episode, comparison_pairs(ec.methods), settings),
         "per_episode": per_episode,  # for scripts; written to episodes.json, not results.json
     }
-    by_method = {m: preps[id(models[m][1])].as_dict() for m in ec.methods}
-    if any(p != results["preprocessing"] for p in by_method.values()):
+    by_method = {m: models[m].preprocessing.as_dict() for m in ec.methods}
+    if any(p != preprocessing for p in by_method.values()):
         results["preprocessing_by_method"] = by_method
     if "data_fingerprint" in split.meta:  # e.g. the fonts the glyphs were rendered from
         results["data_fingerprint"] = split.meta["data_fingerprint"]
     if run.is_main:
         write_results(run.path, results)
     return results
-
-
-def result_row(method: str, ways: int, shots: int, queries: int, acc) -> dict:
-    mean, ci = mean_ci95(acc)
-    log.info("%s %d-way %d-shot: %.2f%% ± %.2f", method, ways, shots, mean, ci)
-    return {"method": method, "ways": ways, "shots": shots, "queries": queries,
-            "episodes": int(len(acc)), "accuracy": round(mean, 2), "ci95": round(ci, 2)}
-
-
-def training_sizes(cfg: RunConfig) -> dict:
-    """The global batch sizes and learning rates of the run's training phases (they do not
-    depend on the number of processes: each process takes a share of every batch)."""
-    pc, mc = cfg.pretrain, cfg.meta
-    return {"pretrain_batch_size": pc.batch_size, "pretrain_lr": pc.lr,
-            "meta_batch": mc.meta_batch, "ht_tasks": mc.hard_tasks_per_batch,
-            "meta_lr_ss": mc.lr_ss, "meta_lr_head": mc.lr_head}
-
-
-def results_table(results: dict) -> str:
-    """Markdown table: one row per (ways, shots), one column per method."""
-    methods = list(dict.fromkeys(r["method"] for r in results["results"]))
-    settings = list(dict.fromkeys((r["ways"], r["shots"]) for r in results["results"]))
-    cell = {(r["method"], r["ways"], r["shots"]): r for r in results["results"]}
-    lines = ["| setting | " + " | ".join(methods) + " |",
-             "|---|" + "---|" * len(methods)]
-    for ways, shots in settings:
-        values = []
-        for m in methods:
-            r = cell.get((m, ways, shots))
-            values.append(f"{r['accuracy']:.2f} ± {r['ci95']:.2f}" if r else "–")
-        lines.append(f"| {ways}-way {shots}-shot | " + " | ".join(values) + " |")
-    return "\n".join(lines)
-
-
-def comparisons_table(comparisons: list[dict]) -> str:
-    """Markdown table of paired differences: one row per pair, one column per setting."""
-    if not comparisons:
-        return ""
-    pairs = list(dict.fromkeys((c["a"], c["b"]) for c in comparisons))
-    settings = list(dict.fromkeys((c["ways"], c["shots"]) for c in comparisons))
-    most = max(c["episodes"] for c in comparisons)
-    cell = {(c["a"], c["b"], c["ways"], c["shots"]): c for c in comparisons}
-    lines = ["| difference | " + " | ".join(f"{w}-way {s}-shot" for w, s in settings) + " |",
-             "|---|" + "---|" * len(settings)]
-    for a, b in pairs:
-        values = []
-        for ways, shots in settings:
-            c = cell.get((a, b, ways, shots))
-            if c is None:
-                values.append("–")
-                continue
-            fewer = f" ({c['episodes']} ep.)" if c["episodes"] < most else ""
-            star = " *" if c["significant"] else ""
-            values.append(f"{c['diff']:+.2f} ± {c['ci95']:.2f}{star}{fewer}")
-        lines.append(f"| {a} − {b} | " + " | ".join(values) + " |")
-    legend = ("Paired difference a − b of per-episode accuracy, in points, ± 95% CI; "
-              "`*`: the CI excludes 0.")
-    return "\n".join(lines) + "\n\n" + legend
-
-
-def write_episodes(folder: Path, per_episode: dict) -> None:
-    """``episodes.json``: per-episode accuracies, one line per method and setting (4
-    decimals: exact enough to pair this run with another scored on the same episodes)."""
-    lines = [f"{json.dumps(key)}: {json.dumps([round(float(x), 4) for x in acc])}"
-             for key, acc in per_episode.items()]
-    (folder / "episodes.json").write_text("{\n" + ",\n".join(lines) + "\n}\n")
-
-
-TIMING_KEYS = ("eval_seconds", "run_seconds")
-
-
-def write_results(folder: Path, results: dict) -> None:
-    """results.json holds only what the seed and config decide (byte-identical for a seed
-    on CPU, so runs can be diffed); wall-clock figures go to timing.json."""
-    timing = {k: results[k] for k in TIMING_KEYS if k in results}
-    kept = {k: v for k, v in results.items() if k not in (*TIMING_KEYS, "per_episode")}
-    (folder / "results.json").write_text(json.dumps(kept, indent=2))
-    (folder / "timing.json").write_text(json.dumps(timing, indent=2))
-    if "per_episode" in results:
-        write_episodes(folder, results["per_episode"])
-    episodes = results["results"][0]["episodes"] if results["results"] else 0
-    queries = results["results"][0]["queries"] if results["results"] else 0
-    text = (f"# Results: {results['dataset']} ({results['split']} split), "
-            f"{results['backbone']}\n\n"
-            f"Accuracy in % with 95% confidence interval over {episodes} episodes "
-            f"({queries} queries per class), the same episodes for every method.\n\n"
-            f"{results_table(results)}\n")
-    if results.get("comparisons"):
-        text += f"\n{comparisons_table(results['comparisons'])}\n"
-    (folder / "results.md").write_text(text)

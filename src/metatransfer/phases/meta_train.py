@@ -17,6 +17,7 @@ Algorithm (SPEC §1, Sun et al. Alg. 1 with HT):
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
-from ..checkpoints import build_backbone, load_model, save_model
+from ..checkpoints import META_NAME, build_backbone, load_model, save_model
 from ..config import RunConfig
 from ..data import load_split
 from ..data.base import ImageSplit, class_share
@@ -33,10 +34,11 @@ from ..data.episodes import EpisodeBatch, EpisodeSampler, hard_tasks
 from ..data.transforms import Normalizer, gather_uint8
 from ..errors import CheckpointError, MTLError
 from ..learners import adapt, linear_logits, normalize_features
+from ..methods.mtl import MTL
 from ..models.ss import enable_ss
 from ..preprocessing import apply_stats, check_decoding, checkpoint_preprocessing
 from ..runs import RunDir, seed_phase
-from ..training import Step, TrainingLoop
+from ..training import EpochSums, LoopPhase, Step, TrainingLoop
 from .common import (
     autocast,
     make_embedder,
@@ -48,7 +50,17 @@ from .common import (
 from .pretrain import model_info
 
 log = logging.getLogger(__name__)
-BEST = "meta_best.safetensors"
+
+
+@dataclass
+class MetaSums(EpochSums):
+    """An epoch's running sums: meta-batch losses, normal and hard tasks' query accuracies
+    (this process's shares), meta-batches."""
+
+    loss: torch.Tensor | float = 0.0
+    acc: torch.Tensor | float = 0.0
+    hard: torch.Tensor | float = 0.0
+    count: int = 0
 
 
 class MetaLearner(nn.Module):
@@ -214,10 +226,14 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
     holds every RNG, so a resumed run is bit-identical on CPU.
     """
     mc = cfg.meta
-    loop = TrainingLoop("meta", "meta-training", cfg, run, device, label="meta-train",
-                        epochs=mc.epochs, grad_clip=mc.grad_clip, best=BEST, show=show,
-                        nan_hint="lower meta.lr_ss / meta.lr_head or set meta.grad_clip",
-                        sums=("loss_sum", "acc_sum", "hard_sum"), count="count")
+    # the pre-trained network (SS = identity, θ_0 = zero, i.e. `ft`) is the first candidate
+    # when meta.select_start
+    phase = LoopPhase("meta", "meta-training", label="meta-train", best=META_NAME,
+                      epochs=mc.epochs, grad_clip=mc.grad_clip, sums=MetaSums,
+                      nan_hint="lower meta.lr_ss / meta.lr_head or set meta.grad_clip",
+                      val_setting=f"{mc.ways}-way {mc.shots}-shot",
+                      validate_start=mc.select_start)
+    loop = TrainingLoop(phase, cfg, run, device, show)
     if loop.finished:
         return loop.best_path
     data, prep = checkpoint_preprocessing(cfg.data, pretrained)  # the pre-trained model's
@@ -268,29 +284,23 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
         """One meta-batch: its normal and hard tasks' mean query loss."""
         loss, stats = meta_step(learner, train, sampler, epoch * mc.episodes_per_epoch + step,
                                 cfg, normalizer, device)
-        sums = {"loss_sum": loss.detach(), "acc_sum": stats["acc"]}
-        if "hard_acc" in stats:
-            sums["hard_sum"] = stats["hard_acc"]
-        return Step(loss, sums)
+        return Step(loss, MetaSums(loss=loss.detach(), acc=stats["acc"],
+                                   hard=stats.get("hard_acc", 0.0), count=1))
 
     def validate() -> tuple[float, float]:
         """Accuracy on val episodes, adapting from θ_0 as meta-testing does."""
-        return validation_accuracy(
-            "mtl", embedder, val, mc.ways, mc.shots, mc.queries, mc.val_episodes,
-            seed=cfg.eval.val_seed, steps=mc.inner_steps, lr=mc.inner_lr,
-            head=(learner.weight0.detach(), learner.bias0.detach()))
+        theta0 = (learner.weight0.detach(), learner.bias0.detach())
+        return validation_accuracy(MTL(theta0, mc.inner_steps, mc.inner_lr), embedder, val,
+                                   mc.ways, mc.shots, mc.queries, mc.val_episodes,
+                                   seed=cfg.eval.val_seed)
 
-    def summary(totals: dict) -> dict:
-        loss, acc, hard = distributed.sum_floats(totals["loss_sum"], totals["acc_sum"],
-                                                 totals["hard_sum"])
-        count = max(totals["count"], 1)
+    def summary(totals: MetaSums) -> dict:
+        loss, acc, hard = distributed.sum_floats(totals.loss, totals.acc, totals.hard)
+        count = max(totals.count, 1)
         extra = {"hard_acc": 100 * hard / count} if mc.hard_tasks_per_batch else {}
         return {"loss": loss / count, "train_acc": 100 * acc / count, **extra}
 
     def save_best() -> None:
         save_model(loop.best_path, meta_info, backbone, learner.head())
 
-    # the pre-trained network (SS = identity, θ_0 = zero, i.e. `ft`) is the first candidate
-    return loop.run(mc.episodes_per_epoch, train_step, validate, summary, save_best,
-                    val_setting=f"{mc.ways}-way {mc.shots}-shot",
-                    validate_start=mc.select_start)
+    return loop.run(mc.episodes_per_epoch, train_step, validate, summary, save_best)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,10 @@ from ..data import load_split
 from ..data.base import class_share
 from ..data.transforms import augment_batch, augmentation, gather_uint8, to_device
 from ..errors import ConfigError
+from ..methods.protonet import ProtoNet
 from ..preprocessing import canonical_resize
 from ..runs import RunDir, seed_phase
-from ..training import Step, TrainingLoop
+from ..training import EpochSums, LoopPhase, Step, TrainingLoop
 from .common import (
     Float32,
     autocast,
@@ -39,7 +41,15 @@ from .common import (
 )
 
 log = logging.getLogger(__name__)
-BEST = PRETRAIN_NAME  # where the best pre-trained model is saved
+
+
+@dataclass
+class PretrainSums(EpochSums):
+    """An epoch's running sums: loss over images, correct predictions, images seen."""
+
+    loss: torch.Tensor | float = 0.0
+    correct: torch.Tensor | int = 0
+    seen: int = 0
 
 
 def lr_factor(cfg: RunConfig, epoch_progress: float) -> float:
@@ -71,10 +81,11 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
     the state holds every RNG, so a resumed run is bit-identical on CPU.
     """
     pc = cfg.pretrain
-    loop = TrainingLoop("pretrain", "pre-training", cfg, run, device, epochs=pc.epochs,
-                        grad_clip=pc.grad_clip, best=BEST, show=show,
-                        nan_hint="lower pretrain.lr or set pretrain.grad_clip",
-                        sums=("loss_sum", "correct"), count="seen")
+    phase = LoopPhase("pretrain", "pre-training", best=PRETRAIN_NAME, epochs=pc.epochs,
+                      grad_clip=pc.grad_clip, sums=PretrainSums,
+                      nan_hint="lower pretrain.lr or set pretrain.grad_clip",
+                      val_setting=f"{pc.val_ways}-way {pc.val_shots}-shot")
+    loop = TrainingLoop(phase, cfg, run, device, show)
     if loop.finished:
         return loop.best_path
     with distributed.local_main_first():
@@ -133,22 +144,21 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
         # this rank's share of the global batch's mean loss (the shares sum to it)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=pc.label_smoothing,
                                reduction="sum") / len(batch)
-        return Step(loss, {"loss_sum": loss.detach() * len(batch),
-                           "correct": (logits.argmax(1) == labels).sum()}, count=len(indices))
+        return Step(loss, PretrainSums(loss=loss.detach() * len(batch),
+                                       correct=(logits.argmax(1) == labels).sum(),
+                                       seen=len(indices)))
 
     def validate() -> tuple[float, float]:
         """Nearest-centroid accuracy of the embeddings on val episodes."""
-        return validation_accuracy("protonet", embedder, val, pc.val_ways, pc.val_shots,
+        return validation_accuracy(ProtoNet(), embedder, val, pc.val_ways, pc.val_shots,
                                    pc.val_queries, pc.val_episodes, seed=cfg.eval.val_seed)
 
-    def summary(totals: dict) -> dict:
-        loss, correct, seen = distributed.sum_floats(totals["loss_sum"], totals["correct"],
-                                                     totals["seen"])
+    def summary(totals: PretrainSums) -> dict:
+        loss, correct, seen = distributed.sum_floats(totals.loss, totals.correct, totals.seen)
         return {"loss": loss / max(seen, 1), "train_acc": 100 * correct / max(seen, 1),
                 "lr": optimizer.param_groups[0]["lr"]}
 
     def save_best() -> None:
         save_model(loop.best_path, model_info(cfg, train, backbone, "pretrain"), backbone)
 
-    return loop.run(steps_per_epoch, train_step, validate, summary, save_best,
-                    val_setting=f"{pc.val_ways}-way {pc.val_shots}-shot")
+    return loop.run(steps_per_epoch, train_step, validate, summary, save_best)

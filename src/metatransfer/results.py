@@ -1,0 +1,209 @@
+"""Results: accuracies with their CIs, paired comparisons, the files and the printout.
+
+What meta-test (and the accuracy benchmark) report, in one place that needs no torch:
+
+* :func:`mean_ci95`, :func:`paired_difference`, :func:`paired_row`, :func:`comparison_rows`:
+  mean accuracy ± 95% CI over episodes, and the paired difference of two methods scored
+  on the same episodes (its CI is several times narrower than either method's own);
+* :func:`result_row`, :func:`training_sizes`: the rows and fields of ``results.json``;
+* :func:`write_results`: ``results.json`` (only what the seed and config decide:
+  byte-identical for a seed on CPU), ``timing.json`` (wall-clock figures, :data:`TIMING_KEYS`),
+  ``episodes.json`` (per-episode accuracies) and ``results.md``; :func:`write_timing`
+  rewrites the timing alone once a caller knows more (``mtl run``'s total time);
+* :func:`results_table`, :func:`comparisons_table`, :func:`printout`: markdown tables and
+  what the CLI prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+TIMING_JSON = "timing.json"
+EPISODES_JSON = "episodes.json"
+#: wall-clock figures: kept out of results.json, which must be reproducible
+TIMING_KEYS = ("eval_seconds", "run_seconds")
+COMPARISONS_LEGEND = ("Paired difference a − b of per-episode accuracy, in points, ± 95% CI; "
+                      "`*`: the CI excludes 0.")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def mean_ci95(accuracies: np.ndarray) -> tuple[float, float]:
+    """Mean accuracy and 95% CI half-width, in percent: ``1.96 * std / sqrt(n)``.
+
+    ``std`` is the sample standard deviation (ddof=1), 0 for a single episode.
+    """
+    acc = np.asarray(accuracies, dtype=np.float64) * 100.0
+    if len(acc) < 2:
+        return float(acc.mean()) if len(acc) else float("nan"), 0.0
+    return float(acc.mean()), float(1.96 * acc.std(ddof=1) / math.sqrt(len(acc)))
+
+
+def paired_difference(acc_a: np.ndarray, acc_b: np.ndarray) -> tuple[float, float]:
+    """Mean and 95% CI half-width of ``acc_a - acc_b`` per episode, in percentage points.
+
+    Two methods scored on the same episodes share each episode's difficulty, so the CI of
+    the per-episode difference is several times narrower than either method's own CI: it
+    is the one that says whether A beats B. Same convention as :func:`mean_ci95`.
+    """
+    a, b = np.asarray(acc_a, dtype=np.float64), np.asarray(acc_b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired accuracies need the same episodes; got {len(a)} and {len(b)}")
+    return mean_ci95(a - b)
+
+
+def setting_key(method: str, ways: int, shots: int) -> str:
+    """The key of one method's per-episode accuracies in one setting, e.g. ``mtl/5w1s``."""
+    return f"{method}/{ways}w{shots}s"
+
+
+def paired_row(acc_a: np.ndarray, acc_b: np.ndarray) -> dict:
+    """``acc_a - acc_b`` on their common prefix of episodes, as a comparison row's fields:
+    ``episodes`` (the prefix length), ``diff`` and ``ci95`` (:func:`paired_difference`,
+    rounded to 2 decimals) and ``significant`` (at least 2 episodes and ``|diff| > ci95``).
+    """
+    n = min(len(acc_a), len(acc_b))
+    diff, ci = paired_difference(acc_a[:n], acc_b[:n])
+    return {"episodes": n, "diff": round(diff, 2), "ci95": round(ci, 2),
+            "significant": bool(n >= 2 and abs(diff) > ci)}
+
+
+def comparison_rows(per_episode: dict[str, np.ndarray], pairs: list[tuple[str, str]],
+                    settings: list[tuple[int, int]]) -> list[dict]:
+    """Paired differences ``a - b`` for every pair and (ways, shots) both methods have.
+
+    ``per_episode`` maps :func:`setting_key` to accuracies of episodes ``0 .. n-1``; a method
+    scored on fewer episodes (``ft-all``) is compared on the common prefix, whose length is
+    recorded. Rounded like accuracies (2 decimals) so results stay byte-identical.
+    """
+    rows = []
+    for a, b in pairs:
+        for ways, shots in settings:
+            acc_a = per_episode.get(setting_key(a, ways, shots))
+            acc_b = per_episode.get(setting_key(b, ways, shots))
+            if acc_a is None or acc_b is None:
+                continue
+            rows.append({"a": a, "b": b, "ways": ways, "shots": shots,
+                         **paired_row(acc_a, acc_b)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def result_row(method: str, ways: int, shots: int, queries: int, acc) -> dict:
+    """One method in one setting: accuracy and CI in percent, rounded to 2 decimals."""
+    mean, ci = mean_ci95(acc)
+    log.info("%s %d-way %d-shot: %.2f%% ± %.2f", method, ways, shots, mean, ci)
+    return {"method": method, "ways": ways, "shots": shots, "queries": queries,
+            "episodes": int(len(acc)), "accuracy": round(mean, 2), "ci95": round(ci, 2)}
+
+
+def training_sizes(cfg) -> dict:
+    """The global batch sizes and learning rates of the run's training phases (they do not
+    depend on the number of processes: each process takes a share of every batch)."""
+    pc, mc = cfg.pretrain, cfg.meta
+    return {"pretrain_batch_size": pc.batch_size, "pretrain_lr": pc.lr,
+            "meta_batch": mc.meta_batch, "ht_tasks": mc.hard_tasks_per_batch,
+            "meta_lr_ss": mc.lr_ss, "meta_lr_head": mc.lr_head}
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def results_table(results: dict) -> str:
+    """Markdown table: one row per (ways, shots), one column per method."""
+    methods = list(dict.fromkeys(r["method"] for r in results["results"]))
+    settings = list(dict.fromkeys((r["ways"], r["shots"]) for r in results["results"]))
+    cell = {(r["method"], r["ways"], r["shots"]): r for r in results["results"]}
+    lines = ["| setting | " + " | ".join(methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    for ways, shots in settings:
+        values = []
+        for m in methods:
+            r = cell.get((m, ways, shots))
+            values.append(f"{r['accuracy']:.2f} ± {r['ci95']:.2f}" if r else "–")
+        lines.append(f"| {ways}-way {shots}-shot | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def comparisons_table(comparisons: list[dict]) -> str:
+    """Markdown table of paired differences: one row per pair, one column per setting."""
+    if not comparisons:
+        return ""
+    pairs = list(dict.fromkeys((c["a"], c["b"]) for c in comparisons))
+    settings = list(dict.fromkeys((c["ways"], c["shots"]) for c in comparisons))
+    most = max(c["episodes"] for c in comparisons)
+    cell = {(c["a"], c["b"], c["ways"], c["shots"]): c for c in comparisons}
+    lines = ["| difference | " + " | ".join(f"{w}-way {s}-shot" for w, s in settings) + " |",
+             "|---|" + "---|" * len(settings)]
+    for a, b in pairs:
+        values = []
+        for ways, shots in settings:
+            c = cell.get((a, b, ways, shots))
+            if c is None:
+                values.append("–")
+                continue
+            fewer = f" ({c['episodes']} ep.)" if c["episodes"] < most else ""
+            star = " *" if c["significant"] else ""
+            values.append(f"{c['diff']:+.2f} ± {c['ci95']:.2f}{star}{fewer}")
+        lines.append(f"| {a} − {b} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n\n" + COMPARISONS_LEGEND
+
+
+def printout(results: dict, folder: Path, suffix: str = "") -> str:
+    """What ``mtl run`` / ``mtl meta-test`` print: the accuracy table, the paired
+    differences and where the results are."""
+    text = results_table(results)
+    if results["comparisons"]:
+        text += ("\n\npaired differences (points, 95% CI; * = CI excludes 0):\n"
+                 + comparisons_table(results["comparisons"]))
+    return text + f"\n\nresults in {Path(folder) / RESULTS_MD}{suffix}"
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_episodes(folder: Path, per_episode: dict) -> None:
+    """``episodes.json``: per-episode accuracies, one line per method and setting (4
+    decimals: exact enough to pair this run with another scored on the same episodes)."""
+    lines = [f"{json.dumps(key)}: {json.dumps([round(float(x), 4) for x in acc])}"
+             for key, acc in per_episode.items()]
+    (Path(folder) / EPISODES_JSON).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
+def write_timing(folder: Path, results: dict) -> None:
+    """``timing.json``: the :data:`TIMING_KEYS` that ``results`` holds."""
+    timing = {k: results[k] for k in TIMING_KEYS if k in results}
+    (Path(folder) / TIMING_JSON).write_text(json.dumps(timing, indent=2))
+
+
+def write_results(folder: Path, results: dict) -> None:
+    """results.json holds only what the seed and config decide (byte-identical for a seed
+    on CPU, so runs can be diffed); wall-clock figures go to timing.json."""
+    folder = Path(folder)
+    kept = {k: v for k, v in results.items() if k not in (*TIMING_KEYS, "per_episode")}
+    (folder / RESULTS_JSON).write_text(json.dumps(kept, indent=2))
+    write_timing(folder, results)
+    if "per_episode" in results:
+        write_episodes(folder, results["per_episode"])
+    episodes = results["results"][0]["episodes"] if results["results"] else 0
+    queries = results["results"][0]["queries"] if results["results"] else 0
+    text = (f"# Results: {results['dataset']} ({results['split']} split), "
+            f"{results['backbone']}\n\n"
+            f"Accuracy in % with 95% confidence interval over {episodes} episodes "
+            f"({queries} queries per class), the same episodes for every method.\n\n"
+            f"{results_table(results)}\n")
+    if results.get("comparisons"):
+        text += f"\n{comparisons_table(results['comparisons'])}\n"
+    (folder / RESULTS_MD).write_text(text)
