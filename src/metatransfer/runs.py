@@ -108,33 +108,29 @@ def preflight(cfg: RunConfig, phases: tuple[str, ...] = PHASES,
     preprocessing the splits are decoded with (meta-train from a pre-trained model,
     meta-test), so the decoded splits are the ones the phase then reads from the cache."""
     from .data import load_split
-    from .data.base import phase_classes
+    from .data.training import training_splits
+    from .preprocessing import checkpoint_preprocessing, for_checkpoint
 
     dc, pc, mc, ec = cfg.data, cfg.pretrain, cfg.meta, cfg.eval
     if checkpoint is not None:
-        from .preprocessing import checkpoint_preprocessing
-
         dc = checkpoint_preprocessing(dc, checkpoint, quiet=True)[0]
-    training = "pretrain" in phases or "meta" in phases
-    if training:
-        val = load_split(dc, dc.val_split)
+    elif cfg.pretrain.init:  # every phase of the run reads images as the network it starts from
+        from .importers_timm import external_info
+
+        dc = for_checkpoint(dc, external_info(cfg.pretrain.init), quiet=True)[0]
     if "pretrain" in phases:
-        val.require(pc.val_ways, pc.val_shots + pc.val_queries,
-                    "pre-training validation episodes")
+        _, selection = training_splits(dc, "pretrain")  # enough classes left to pre-train
+        selection.require(pc.val_ways, pc.val_shots + pc.val_queries,
+                          "pre-training validation episodes")
     if "meta" in phases:
-        val.require(mc.ways, mc.shots + mc.queries, "meta-training validation episodes")
-    if training:
-        train = load_split(dc, dc.train_split)
-    if "pretrain" in phases:
-        phase_classes(train, dc.meta_holdout, "pretrain")  # enough classes left to pre-train
-    if "meta" in phases:
-        meta = phase_classes(train, dc.meta_holdout, "meta")  # the classes meta-training draws
-        enough = int((train.class_sizes[meta] >= mc.shots + mc.queries).sum())
+        train, selection = training_splits(dc, "meta")  # the classes meta-training draws
+        selection.require(mc.ways, mc.shots + mc.queries, "meta-training validation episodes")
+        enough = int((train.class_sizes >= mc.shots + mc.queries).sum())
         if enough < mc.ways:
             raise DataError(f"{train.name}: meta-training episodes need {mc.ways} classes with "
                             f"{mc.shots + mc.queries} images (shots + queries), but only "
-                            f"{enough} of the {len(meta)} classes meta-training draws from "
-                            "have that many; lower meta.ways, shots or queries, or raise "
+                            f"{enough} of the {train.num_classes} classes meta-training draws "
+                            "from have that many; lower meta.ways, shots or queries, or raise "
                             "data.meta_holdout")
     if "test" in phases:
         test = load_split(dc, eval_split(cfg))

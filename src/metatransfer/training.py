@@ -23,6 +23,7 @@ numbers itself: the random stream of a run is the phases' alone.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import signal
@@ -252,6 +253,24 @@ class LoopPhase:
     # the best unless an epoch beats it; meta-training uses it so that SS which only hurts
     # new classes is never selected over the pre-trained network
     validate_start: bool = False
+    # with validate_start: also keep the best *trained* epoch under this file name, so what
+    # the phase's training does is on record even when the starting model is selected
+    best_trained: str = ""
+
+
+@dataclass
+class Selection:
+    """Which epoch the loop kept (0 = the starting model) and its validation accuracy; the
+    same for the best trained epoch (``epoch`` 0 of ``trained``: none validated yet)."""
+
+    epoch: int = -1
+    acc: float = -1.0
+    trained_epoch: int = 0
+    trained_acc: float = -1.0
+
+    def record(self) -> dict:
+        """For checkpoint metadata and results: ``selected_epoch``, ``selection_acc``."""
+        return {"selected_epoch": self.epoch, "selection_acc": round(self.acc, 2)}
 
 
 class TrainingLoop:
@@ -283,6 +302,7 @@ class TrainingLoop:
         self.state = distributed.broadcast_object(
             run.load_state(phase.name) if run.is_main else None)
         self.epoch, self.start_step, self.best_acc = 0, 0, -1.0
+        self.selection = Selection()
         self._totals: dict | None = None
         self.modules: dict[str, nn.Module] = {}
         if self.finished:
@@ -324,6 +344,7 @@ class TrainingLoop:
         scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.start_step = state["epoch"], state["step"]
         self.best_acc = state["best_acc"]
+        self.selection = Selection(**state.get("selection", {"acc": self.best_acc}))
         set_rng_state(state["rng"])
         # running sums are rank 0's own: on several ranks a resumed epoch's train metrics
         # cover rank 0's share before the interruption (a logging detail only)
@@ -339,6 +360,7 @@ class TrainingLoop:
             **{key: module.state_dict() for key, module in self.modules.items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "epoch": epoch, "step": step_in_epoch, "best_acc": self.best_acc, "rng": rng_state(),
+            "selection": dataclasses.asdict(self.selection),
             "done": done, "totals": running,
         })
         self.schedule.saved()
@@ -368,7 +390,7 @@ class TrainingLoop:
         step: Callable[[int, int], Step],
         validate: Callable[[], tuple[float, float]],
         summary: Callable[[EpochSums], dict],
-        save_best: Callable[[], None],
+        save_best: Callable[[Path], None],
     ) -> Path:
         """Train the remaining epochs; returns :attr:`best_path`.
 
@@ -376,7 +398,8 @@ class TrainingLoop:
         one step's :class:`Step`; ``validate()`` gives the validation accuracy and its 95%
         CI (percent); ``summary(totals)`` turns the epoch's running sums into the train
         metrics ``loss``, ``train_acc`` and any extra values (it may all-reduce: every
-        process calls it); ``save_best()`` writes the best model (main process only).
+        process calls it); ``save_best(path)`` writes the best model to ``path`` (main process
+        only; :attr:`selection` says which epoch it is).
         """
         phase, run, guard = self.phase, self.run_dir, self.guard
         want_norm = needs_grad_norm(self.nan_policy, phase.grad_clip)
@@ -393,8 +416,9 @@ class TrainingLoop:
         if phase.validate_start and not self.resuming and phase.epochs > 0:
             val_acc, val_ci = validate()
             self.best_acc = val_acc
+            self.selection.epoch, self.selection.acc = 0, val_acc
             if run.is_main:
-                save_best()
+                save_best(self.best_path)
             run.log(phase.name, 0, val_acc=val_acc, val_ci95=val_ci)
             log.info("%s epoch 0 (the starting model): val %s %.2f%% ± %.2f", self.label,
                      phase.val_setting, val_acc, val_ci)
@@ -435,8 +459,14 @@ class TrainingLoop:
             improved = val_acc > self.best_acc
             if improved:
                 self.best_acc = val_acc
+                self.selection.epoch, self.selection.acc = self.epoch, val_acc
                 if run.is_main:
-                    save_best()
+                    save_best(self.best_path)
+            if phase.validate_start and phase.best_trained \
+                    and val_acc > self.selection.trained_acc:
+                self.selection.trained_epoch, self.selection.trained_acc = self.epoch, val_acc
+                if run.is_main:
+                    save_best(run.path / phase.best_trained)
             train_loss, train_acc = metrics.pop("loss"), metrics.pop("train_acc")
             if self.nan_policy == "skip":
                 metrics["skipped_batches"] = guard.skipped
@@ -449,6 +479,6 @@ class TrainingLoop:
             if stop.requested:
                 raise KeyboardInterrupt
         if not self.best_path.is_file() and run.is_main:  # zero epochs: the initial model
-            save_best()
+            save_best(self.best_path)
         distributed.barrier()  # the other ranks read best_path next
         return self.best_path

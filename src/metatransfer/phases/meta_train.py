@@ -16,6 +16,7 @@ Algorithm (SPEC §1, Sun et al. Alg. 1 with HT):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
-from ..checkpoints import META_NAME, build_backbone, load_model, save_model
-from ..config import RunConfig
-from ..data import load_split
-from ..data.base import ImageSplit, class_share
+from ..checkpoints import META_NAME, META_TRAINED_NAME, build_backbone, load_model, save_model
+from ..config import RunConfig, phase_seed
+from ..data.base import ImageSplit
 from ..data.episodes import EpisodeBatch, EpisodeSampler, hard_tasks
+from ..data.training import selection_name, training_splits
 from ..data.transforms import Normalizer, gather_uint8
 from ..errors import CheckpointError, MTLError
 from ..learners import adapt, linear_logits, normalize_features
@@ -199,7 +200,7 @@ def meta_step(
         slots = (np.asarray(mine)[:, None] * n_query + np.arange(n_query)).ravel()
         pred_all = distributed.gather_by_index(slots, pred_host.ravel(), batch.tasks * n_query)
         pred_all = pred_all.reshape(batch.tasks, n_query).astype(np.int64)
-        rng = np.random.default_rng([cfg.seed, 7919, step])
+        rng = np.random.default_rng([phase_seed(cfg, "meta"), 7919, step])
         hard = hard_tasks(batch, pred_all, mc.ht_tasks, mc.ht, sampler, rng)
         hard_loss, hard_correct, _ = task_share(learner, split, hard[distributed.shard(hard.tasks)],
                                                 cfg, normalizer, device)
@@ -229,6 +230,7 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
     # the pre-trained network (SS = identity, θ_0 = zero, i.e. `ft`) is the first candidate
     # when meta.select_start
     phase = LoopPhase("meta", "meta-training", label="meta-train", best=META_NAME,
+                      best_trained=META_TRAINED_NAME,
                       epochs=mc.epochs, grad_clip=mc.grad_clip, sums=MetaSums,
                       nan_hint="lower meta.lr_ss / meta.lr_head or set meta.grad_clip",
                       val_setting=f"{mc.ways}-way {mc.shots}-shot",
@@ -238,16 +240,15 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
         return loop.best_path
     data, prep = checkpoint_preprocessing(cfg.data, pretrained)  # the pre-trained model's
     with distributed.local_main_first():
-        train = class_share(load_split(data, cfg.data.train_split), cfg.data.meta_holdout,
-                            "meta")
-        val = load_split(data, cfg.data.val_split)
+        train, val = training_splits(data, "meta")
     check_decoding(train, prep)  # decoded as the pre-trained model's data was
     train, val = apply_stats(train, prep), apply_stats(val, prep)
+    seed = phase_seed(cfg, "meta")
     sampler = EpisodeSampler(train.indices_by_class, mc.ways, mc.shots, mc.queries,
-                             seed=cfg.seed, name=train.name)
+                             seed=seed, name=train.name)
     val.require(mc.ways, mc.shots + mc.queries, "validation episodes")
     if not loop.resuming:
-        seed_phase(cfg.seed, "meta")
+        seed_phase(seed, "meta")
     info, backbone = load_pretrained(pretrained)
     if info.in_channels != train.channels:
         raise MTLError(f"{pretrained} expects {info.in_channels}-channel images but "
@@ -272,7 +273,7 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
                  mc.hard_tasks_per_batch, mc.lr_ss, mc.lr_head)
     normalizer = make_normalizer(cfg, train, device)
     embedder = make_embedder(cfg, backbone, val, device, mc.feature_norm)
-    meta_info = model_info(cfg, train, backbone, "meta")
+    meta_info = model_info(cfg, train, backbone, "meta", start=info)
     meta_info.ways = mc.ways
     meta_info.inner_steps, meta_info.inner_lr = mc.inner_steps, mc.inner_lr
     meta_info.extra = {"bn_affine": cfg.model.ss_bn_affine, "ss_scope": cfg.model.ss_scope,
@@ -300,7 +301,13 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
         extra = {"hard_acc": 100 * hard / count} if mc.hard_tasks_per_batch else {}
         return {"loss": loss / count, "train_acc": 100 * acc / count, **extra}
 
-    def save_best() -> None:
-        save_model(loop.best_path, meta_info, backbone, learner.head())
+    def save_best(path: Path) -> None:
+        kept = loop.selection
+        epoch, acc = ((kept.epoch, kept.acc) if path == loop.best_path
+                      else (kept.trained_epoch, kept.trained_acc))
+        info = dataclasses.replace(meta_info, extra={
+            **meta_info.extra, "selected_epoch": epoch, "selection_acc": round(acc, 2),
+            "selection": selection_name(cfg.data)})
+        save_model(path, info, backbone, learner.head())
 
     return loop.run(mc.episodes_per_epoch, train_step, validate, summary, save_best)

@@ -20,14 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
-from ..checkpoints import PRETRAIN_NAME, ModelInfo, save_model
-from ..config import RunConfig
-from ..data import load_split
-from ..data.base import class_share
+from ..checkpoints import PRETRAIN_NAME, ModelInfo, build_backbone, save_model
+from ..config import RunConfig, phase_seed
+from ..data.training import training_splits
 from ..data.transforms import augment_batch, augmentation, gather_uint8, to_device
 from ..errors import ConfigError
 from ..methods.protonet import ProtoNet
-from ..preprocessing import canonical_resize
+from ..preprocessing import apply_stats, canonical_resize, for_checkpoint
 from ..runs import RunDir, seed_phase
 from ..training import EpochSums, LoopPhase, Step, TrainingLoop
 from .common import (
@@ -36,6 +35,7 @@ from .common import (
     make_embedder,
     make_normalizer,
     new_backbone,
+    prepare_backbone,
     use_amp,
     validation_accuracy,
 )
@@ -60,18 +60,40 @@ def lr_factor(cfg: RunConfig, epoch_progress: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(epoch_progress / max(pc.epochs, 1), 1.0)))
 
 
-def model_info(cfg: RunConfig, split, backbone: nn.Module, phase: str) -> ModelInfo:
+def model_info(cfg: RunConfig, split, backbone: nn.Module, phase: str,
+               start: ModelInfo | None = None) -> ModelInfo:
     """The checkpoint metadata of a model trained on ``split``: what its loader did to every
-    image (``split.decoding``) and its statistics are the model's preprocessing."""
+    image (``split.decoding``) and its statistics are the model's preprocessing. A model
+    that started from another (``pretrain.init``: ``start``) keeps its architecture."""
     steps = split.decoding
+    arch = (start.backbone, dict(start.backbone_args)) if start else (
+        cfg.model.backbone, dict(cfg.model.backbone_args))
     return ModelInfo(
-        backbone=cfg.model.backbone, backbone_args=dict(cfg.model.backbone_args),
+        backbone=arch[0], backbone_args=arch[1],
         in_channels=split.channels, image_size=split.image_size[0],
         resize=canonical_resize(steps.resize), invert=steps.invert,
         mean=list(split.mean), std=list(split.std), phase=phase,
         feature_norm=cfg.meta.feature_norm, inner_steps=cfg.eval.inner_steps,
         inner_lr=cfg.eval.inner_lr, source=cfg.data.name,
+        extra={"init": cfg.pretrain.init} if start else {},
     )
+
+
+def initial_network(cfg: RunConfig) -> tuple[ModelInfo, dict] | None:
+    """``pretrain.init`` as ``(info, state)``: a named ImageNet network or a checkpoint."""
+    if not cfg.pretrain.init:
+        return None
+    from ..importers_timm import load_external
+
+    info, state = load_external(cfg.pretrain.init)
+    if info.backbone != cfg.model.backbone:
+        raise ConfigError(f"pretrain.init {cfg.pretrain.init} is a {info.backbone} network but "
+                          f"model.backbone is {cfg.model.backbone}; set "
+                          f"model.backbone={info.backbone}")
+    if any(k.endswith("ss_scale") for k in state):
+        raise ConfigError(f"pretrain.init {cfg.pretrain.init} is meta-trained (it has SS); "
+                          "start from a pre-trained network")
+    return info, state
 
 
 def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = True) -> Path:
@@ -88,15 +110,23 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
     loop = TrainingLoop(phase, cfg, run, device, show)
     if loop.finished:
         return loop.best_path
+    start = initial_network(cfg)
+    data = cfg.data
+    if start:  # its preprocessing (size, resize, statistics), unless data.* overrides it
+        data, prep = for_checkpoint(cfg.data, start[0], "pretrain.init: ")
     with distributed.local_main_first():
-        train = class_share(load_split(cfg.data, cfg.data.train_split), cfg.data.meta_holdout,
-                            "pretrain")
-        val = load_split(cfg.data, cfg.data.val_split)
+        train, val = training_splits(data, "pretrain")
+    if start:
+        train, val = apply_stats(train, prep), apply_stats(val, prep)
     val.require(pc.val_ways, pc.val_shots + pc.val_queries, "validation episodes")
 
+    seed = phase_seed(cfg, "pretrain")
     if not loop.resuming:
-        seed_phase(cfg.seed, "pretrain")
-    backbone = new_backbone(cfg, train.channels, device)
+        seed_phase(seed, "pretrain")
+    if start:
+        backbone = prepare_backbone(cfg, build_backbone(*start), device)
+    else:
+        backbone = new_backbone(cfg, train.channels, device)
     world = distributed.world_size()
     if pc.sync_bn and world > 1:
         if device.type != "cuda":
@@ -117,7 +147,7 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
     loop.restore({"backbone": backbone, "head": head}, optimizer, scheduler,
                  scheduler_per="step", ddp=True)
 
-    distributed.own_rng_stream(cfg.seed, loop.epoch, loop.start_step)  # augmentation per rank
+    distributed.own_rng_stream(seed, loop.epoch, loop.start_step)  # augmentation per rank
     # Data parallel: each rank takes every world-th image of the global batch and DDP
     # averages the gradients; BatchNorm statistics are per rank unless pretrain.sync_bn.
     model = distributed.wrap_ddp(nn.Sequential(backbone, Float32(head)), device)
@@ -131,7 +161,7 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
 
     @functools.lru_cache(maxsize=1)
     def batch_order(epoch: int) -> np.ndarray:
-        return np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
+        return np.random.default_rng([seed, epoch]).permutation(len(train))
 
     def train_step(epoch: int, step: int) -> Step:
         """Cross-entropy of one augmented batch over all base classes."""
@@ -158,7 +188,8 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
         return {"loss": loss / max(seen, 1), "train_acc": 100 * correct / max(seen, 1),
                 "lr": optimizer.param_groups[0]["lr"]}
 
-    def save_best() -> None:
-        save_model(loop.best_path, model_info(cfg, train, backbone, "pretrain"), backbone)
+    def save_best(path: Path) -> None:
+        info = model_info(cfg, train, backbone, "pretrain", start[0] if start else None)
+        save_model(path, info, backbone)
 
     return loop.run(steps_per_epoch, train_step, validate, summary, save_best)
