@@ -34,15 +34,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from metatransfer.config import apply_override, load_config, to_dict
-from metatransfer.devices import resolve_device, subnormals_flushed
+from metatransfer.checkpoints import META_TRAINED_NAME
+from metatransfer.config import apply_override, load_config, phase_seed, to_dict
+from metatransfer.devices import autocast_enabled, precision, resolve_device, subnormals_flushed
 from metatransfer.phases.meta_test import meta_test
 from metatransfer.phases.meta_train import meta_train
 from metatransfer.phases.pretrain import pretrain
-from metatransfer.report import render
+from metatransfer.report import render, selection_notes
 from metatransfer.results import (
+    MIN_SEEDS,
     RESULTS_JSON,
     RESULTS_MD,
+    across_seeds,
     comparison_rows,
     comparisons_table,
     results_table,
@@ -101,13 +104,14 @@ def default_pairs(variants: list[str], methods: list[str],
     pairs = [(v, "ft") for v in variants]
     pairs += [(v, own_ft[v]) for v in variants if v in own_ft]
     pairs += [(ft, "ft") for ft in dict.fromkeys(own_ft.values())]
-    pairs += [("mtl+ht", "mtl"), ("mtl-last", "mtl")]
+    pairs += [("mtl+ht", "mtl"), ("mtl-last", "mtl"), ("mtl+ht-forced", "mtl-forced")]
     return [(a, b) for a, b in pairs if a in methods and b in methods]
 
 
 def pretrain_key(cfg) -> str:
-    """Canonical YAML of all that pre-training depends on: equal keys share one pre-training."""
-    return yaml.safe_dump({"seed": cfg.seed, "data": to_dict(cfg.data),
+    """Canonical YAML of all that pre-training depends on: equal keys share one pre-training
+    (the meta-training seed is not part of it: ``--meta-seeds`` share one)."""
+    return yaml.safe_dump({"seed": phase_seed(cfg, "pretrain"), "data": to_dict(cfg.data),
                            "backbone": cfg.model.backbone,
                            "backbone_args": cfg.model.backbone_args,
                            "pretrain": to_dict(cfg.pretrain)}, sort_keys=True)
@@ -121,6 +125,169 @@ def episode_source(cfg, res: dict) -> tuple:
 def main(argv: list[str] | None = None) -> dict:
     with subnormals_flushed():  # as `mtl run` does
         return measure(argv)
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") \
+            from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got '{text}'")
+    return seeds
+
+
+class Benchmark:
+    """One seed's benchmark: pre-trainings (shared across seeds when equal), one
+    meta-training per variant, every method on the same episodes."""
+
+    def __init__(self, args, cfg, out: Path, device, pretrainings: dict, timings: dict,
+                 label: str) -> None:
+        self.args, self.cfg, self.out, self.device = args, cfg, out, device
+        self.pretrainings, self.timings, self.label = pretrainings, timings, label
+        self.rows: list[dict] = []
+        self.per_episode: dict = {}
+        self.sources: dict[str, tuple] = {}
+        self.selections: dict[str, dict] = {}
+        self.used: list[dict] = []  # the pre-trainings this seed used
+
+    def timed(self, name, fn):
+        start = time.perf_counter()
+        result = fn()
+        self.timings[f"{self.label}{name}"] = round(time.perf_counter() - start, 1)
+        return result
+
+    def pretrained_for(self, variant: str | None, overrides: dict) -> dict:
+        """The pre-training a variant needs: the shared one unless it changes pre-training."""
+        pre = with_overrides(self.cfg, {k: v for k, v in overrides.items()
+                                        if k.startswith(PRETRAIN_KEYS)})
+        key = pretrain_key(pre)
+        if key not in self.pretrainings:
+            mine = sum(p["seed_label"] == self.label for p in self.pretrainings.values())
+            tag = f"pretrain@{variant}" if mine else "pretrain"
+            pre = dataclasses.replace(pre, out=str(self.out / tag))
+            run = RunDir(pre.out)
+            run.write_config(pre, self.device)
+            seed_everything(pre.seed)
+            path = self.timed(tag, lambda: pretrain(pre, run, self.device))
+            self.pretrainings[key] = {"tag": tag, "cfg": pre, "run": run, "path": path,
+                                      "owner": variant, "variants": [],
+                                      "seed_label": self.label}
+        entry = self.pretrainings[key]
+        if entry not in self.used:
+            self.used.append(entry)
+        if variant is not None:
+            entry["variants"].append(variant)
+        return entry
+
+    def collect(self, test_cfg, res: dict, rename) -> None:
+        """Keep a meta-test's rows and per-episode accuracies under the benchmark's names."""
+        for row in res["results"]:
+            name = rename(row["method"])
+            self.rows.append({**row, "method": name})
+            self.sources[name] = episode_source(test_cfg, res)
+        for key, acc in res["per_episode"].items():
+            method, setting = key.split("/", 1)
+            self.per_episode[f"{rename(method)}/{setting}"] = acc
+
+    def test_baselines(self, pre: dict, suffix: str, baselines: list[str]) -> None:
+        test_cfg = with_overrides(pre["cfg"], {"eval.methods": f"[{','.join(baselines)}]"})
+        res = self.timed(f"test baselines{suffix}", lambda: meta_test(
+            test_cfg, pre["run"], self.device, None, pre["path"]))
+        self.collect(test_cfg, res, lambda m: m + suffix)
+
+    def test_mtl(self, name: str, variant, meta: Path, folder: Path) -> dict:
+        test_cfg = with_overrides(dataclasses.replace(variant, out=str(folder)),
+                                  {"eval.methods": "[mtl]"})
+        run = RunDir(folder)
+        res = self.timed(f"test {name}", lambda: meta_test(test_cfg, run, self.device, meta,
+                                                           None))
+        self.collect(test_cfg, res, lambda m: name)
+        return res
+
+    def run(self, variants: dict, baselines: list[str]) -> None:
+        base = self.pretrained_for(None, {})
+        if baselines:
+            self.test_baselines(base, "", baselines)
+        for name, overrides in variants.items():
+            pre = self.pretrained_for(name, overrides)
+            variant = with_overrides(dataclasses.replace(self.cfg, out=str(self.out / name)),
+                                     overrides)
+            run = RunDir(variant.out)
+            run.write_config(variant, self.device)
+            seed_everything(variant.seed)
+            meta = self.timed(f"meta-train {name}", lambda v=variant, r=run, p=pre["path"]:
+                              meta_train(v, r, self.device, p))
+            res = self.test_mtl(name, variant, meta, Path(variant.out))
+            if res.get("selection"):
+                self.selections[name] = res["selection"]
+            trained = meta.parent / META_TRAINED_NAME
+            if variant.meta.select_start and trained.is_file():
+                # the best trained epoch: what meta-training does, whatever selection kept
+                self.test_mtl(f"{name}-forced", variant, trained, self.out / f"{name}-forced")
+        if self.args.baselines_everywhere and baselines:
+            for pre in self.used:
+                if pre["owner"] is not None:
+                    self.test_baselines(pre, f"@{pre['owner']}", baselines)
+
+    def own_ft(self) -> dict[str, str]:
+        return {v: f"ft@{p['owner']}" for p in self.used if p["owner"] for v in p["variants"]}
+
+
+def combine_rows(per_seed: dict[int, list[dict]]) -> list[dict]:
+    """Accuracy rows over seeds: the mean accuracy, its t-based 95% CI over seeds (``ci95``)
+    and each seed's accuracy and episode CI."""
+    seeds = list(per_seed)
+    keyed = [{(r["method"], r["ways"], r["shots"]): r for r in per_seed[s]} for s in seeds]
+    rows = []
+    for key, first in keyed[0].items():
+        if not all(key in k for k in keyed):
+            continue
+        accs = [k[key]["accuracy"] for k in keyed]
+        stats = across_seeds(accs)
+        rows.append({**first, "accuracy": stats["mean"], "ci95": stats["ci95"] or 0.0,
+                     "seeds": len(seeds), "per_seed": accs,
+                     "per_seed_ci95": [k[key]["ci95"] for k in keyed]})
+    return rows
+
+
+def combine_comparisons(per_seed: dict[int, list[dict]]) -> list[dict]:
+    """Each paired comparison over seeds: the per-seed paired differences (each with its
+    episode CI), their mean and t-based 95% CI over seeds; ``significant`` = ``holds``
+    (at least 3 seeds and a CI over seeds that excludes 0)."""
+    seeds = list(per_seed)
+    keyed = [{(c["a"], c["b"], c["ways"], c["shots"]): c for c in per_seed[s]} for s in seeds]
+    out = []
+    for key, first in keyed[0].items():
+        if not all(key in k for k in keyed):
+            continue
+        stats = across_seeds([k[key]["diff"] for k in keyed])
+        out.append({"a": first["a"], "b": first["b"], "ways": first["ways"],
+                    "shots": first["shots"], "episodes": first["episodes"],
+                    "diff": stats["mean"], "ci95": stats["ci95"] or 0.0,
+                    "significant": stats["holds"], **stats,
+                    "per_seed_ci95": [k[key]["ci95"] for k in keyed],
+                    "per_seed_significant": [k[key]["significant"] for k in keyed]})
+    return out
+
+
+def per_seed_table(seeds: list[int], per_seed: dict[int, list[dict]]) -> str:
+    """Each seed's paired differences side by side (points ± paired episode CI)."""
+    keys = list(dict.fromkeys((c["a"], c["b"], c["ways"], c["shots"])
+                              for c in per_seed[seeds[0]]))
+    cell = {s: {(c["a"], c["b"], c["ways"], c["shots"]): c for c in per_seed[s]}
+            for s in seeds}
+    lines = ["| difference | setting | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---|" + "---|" * len(seeds)]
+    for a, b, w, sh in keys:
+        values = []
+        for s in seeds:
+            c = cell[s].get((a, b, w, sh))
+            values.append("–" if c is None else
+                          f"{c['diff']:+.2f} ± {c['ci95']:.2f}{' *' if c['significant'] else ''}")
+        lines.append(f"| {a} − {b} | {w}-way {sh}-shot | " + " | ".join(values) + " |")
+    return "\n".join(lines)
 
 
 def measure(argv: list[str] | None = None) -> dict:
@@ -141,6 +308,11 @@ def measure(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pairs", default="",
                         help="comma-separated A-B comparisons (default: every variant - ft, "
                              "mtl+ht - mtl, mtl-last - mtl)")
+    seeds_group = parser.add_mutually_exclusive_group()
+    seeds_group.add_argument("--seeds", type=parse_seeds, metavar="S,S,...",
+                             help="the whole pipeline once per training seed (seed=S)")
+    seeds_group.add_argument("--meta-seeds", type=parse_seeds, metavar="S,S,...",
+                             help="one pre-training, one meta-training per seed (meta.seed=S)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
@@ -152,116 +324,96 @@ def measure(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     cfg = load_config(args.preset, overrides=args.overrides)
     device = resolve_device(cfg.device)
-    timings: dict[str, float] = {}
-    rows: list[dict] = []
-    per_episode: dict = {}
-    sources: dict[str, tuple] = {}
-    pretrainings: dict[str, dict] = {}  # pretrain_key -> {"tag", "cfg", "run", "path", ...}
-
-    def timed(name, fn):
-        start = time.perf_counter()
-        result = fn()
-        timings[name] = round(time.perf_counter() - start, 1)
-        return result
-
-    def pretrained_for(variant: str | None, overrides: dict) -> dict:
-        """The pre-training a variant needs: the shared one unless it changes pre-training."""
-        pre = with_overrides(cfg, {k: v for k, v in overrides.items()
-                                   if k.startswith(PRETRAIN_KEYS)})
-        key = pretrain_key(pre)
-        if key not in pretrainings:
-            tag = f"pretrain@{variant}" if pretrainings else "pretrain"
-            pre = dataclasses.replace(pre, out=str(out / tag))
-            run = RunDir(pre.out)
-            run.write_config(pre, device)
-            seed_everything(pre.seed)
-            path = timed(tag, lambda: pretrain(pre, run, device))
-            pretrainings[key] = {"tag": tag, "cfg": pre, "run": run, "path": path,
-                                 "owner": variant, "variants": []}
-        if variant is not None:
-            pretrainings[key]["variants"].append(variant)
-        return pretrainings[key]
-
-    def collect(test_cfg, res: dict, rename) -> None:
-        """Keep a meta-test's rows and per-episode accuracies under the benchmark's names."""
-        for row in res["results"]:
-            name = rename(row["method"])
-            rows.append({**row, "method": name})
-            sources[name] = episode_source(test_cfg, res)
-        for key, acc in res["per_episode"].items():
-            method, setting = key.split("/", 1)
-            per_episode[f"{rename(method)}/{setting}"] = acc
-
-    def test_baselines(pre: dict, suffix: str) -> None:
-        test_cfg = with_overrides(pre["cfg"], {"eval.methods": f"[{','.join(baselines)}]"})
-        res = timed(f"test baselines{suffix}", lambda: meta_test(
-            test_cfg, pre["run"], device, None, pre["path"]))
-        collect(test_cfg, res, lambda m: m + suffix)
-
-    base = pretrained_for(None, {})
     baselines = [m for m in args.baselines.split(",") if m]
-    if baselines:
-        test_baselines(base, "")
-    for name, overrides in variants.items():
-        pre = pretrained_for(name, overrides)
-        variant = with_overrides(dataclasses.replace(cfg, out=str(out / name)), overrides)
-        run = RunDir(variant.out)
-        run.write_config(variant, device)
-        seed_everything(variant.seed)
-        meta = timed(f"meta-train {name}", lambda v=variant, r=run, p=pre["path"]: meta_train(
-            v, r, device, p))
-        test_cfg = with_overrides(variant, {"eval.methods": "[mtl]"})
-        res = timed(f"test {name}",
-                    lambda t=test_cfg, r=run, m=meta: meta_test(t, r, device, m, None))
-        collect(test_cfg, res, lambda m, n=name: n)
-    if args.baselines_everywhere and baselines:
-        for pre in pretrainings.values():
-            if pre["owner"] is not None:
-                test_baselines(pre, f"@{pre['owner']}")
+    axis, seeds = ("seed", args.seeds) if args.seeds else (
+        ("meta.seed", args.meta_seeds) if args.meta_seeds else (None, [cfg.seed]))
+    timings: dict[str, float] = {}
+    pretrainings: dict[str, dict] = {}  # pretrain_key -> its run: equal keys train once
+    benches: dict[int, Benchmark] = {}
+    for seed in seeds:
+        seed_cfg = with_overrides(cfg, {axis: seed}) if axis else cfg
+        folder = out / f"seed-{seed}" if axis else out
+        label = f"seed {seed}: " if axis else ""
+        bench = Benchmark(args, seed_cfg, folder, device, pretrainings, timings, label)
+        bench.run(variants, baselines)
+        benches[seed] = bench
 
-    if not rows:
+    first = benches[seeds[0]]
+    if not first.rows:
         parser.error("nothing to evaluate: give --variants/--variant or --baselines")
     # pairs are only meaningful when every method was scored on the very same episodes
-    reference = sources[rows[0]["method"]]
-    for method, source in sources.items():
-        if source != reference:
-            raise SystemExit(f"{method} was evaluated on other episodes than "
-                             f"{rows[0]['method']} ({source} vs {reference}); its overrides "
-                             "must not change the evaluated split or eval.* episode keys")
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    own_ft = {v: f"ft@{p['owner']}" for p in pretrainings.values() if p["owner"]
-              for v in p["variants"]}
+    reference = first.sources[first.rows[0]["method"]]
+    for bench in benches.values():
+        for method, source in bench.sources.items():
+            if source != reference:
+                raise SystemExit(f"{method} was evaluated on other episodes than "
+                                 f"{first.rows[0]['method']} ({source} vs {reference}); its "
+                                 "overrides must not change the evaluated split or eval.* "
+                                 "episode keys")
+    methods = list(dict.fromkeys(r["method"] for r in first.rows))
+    forced = [f"{v}-forced" for v in variants if f"{v}-forced" in methods]
     pairs = (parse_pairs(args.pairs, methods) if args.pairs
-             else default_pairs(list(variants), methods, own_ft))
-    settings = list(dict.fromkeys((r["ways"], r["shots"]) for r in rows))
-    comparisons = comparison_rows(per_episode, pairs, settings)
-
+             else default_pairs(list(variants) + forced, methods, first.own_ft()))
+    settings = list(dict.fromkeys((r["ways"], r["shots"]) for r in first.rows))
+    per_seed_comparisons = {s: comparison_rows(b.per_episode, pairs, settings)
+                            for s, b in benches.items()}
+    several = axis is not None
+    if several:
+        rows = combine_rows({s: b.rows for s, b in benches.items()})
+        comparisons = combine_comparisons(per_seed_comparisons)
+        per_episode = {f"seed{s}:{k}": v for s, b in benches.items()
+                       for k, v in b.per_episode.items()}
+        selections = {v: {str(s): b.selections[v] for s, b in benches.items()
+                          if v in b.selections} for v in variants}
+    else:
+        rows, comparisons, per_episode = first.rows, per_seed_comparisons[seeds[0]], \
+            first.per_episode
+        selections = first.selections
     results = {
         "preset": args.preset, "dataset": cfg.data.name, "split": reference[1],
         "backbone": cfg.model.backbone, "seed": cfg.seed, "eval_seed": cfg.eval.seed,
         "overrides": args.overrides, "device": str(device),
         "machine": f"{platform.processor() or platform.machine()}, "
                    f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        "precision": precision(autocast_enabled(cfg.amp, device)),
         "seconds": timings, "training_seconds": round(
-            sum(v for k, v in timings.items() if not k.startswith("test")), 1),
+            sum(v for k, v in timings.items() if "test" not in k), 1),
         "variants": variants,
-        "pretrainings": {p["tag"]: p["variants"] for p in pretrainings.values()},
+        "pretrainings": {(p["seed_label"] + p["tag"]): p["variants"]
+                         for p in pretrainings.values()},
         "results": rows,
         "comparisons": comparisons,
+        "selections": selections,
     }
+    if several:
+        results["seed_axis"] = {"seed": "whole pipeline per seed",
+                                "meta.seed": "one pre-training, meta-training per seed"}[axis]
+        results["seeds"] = seeds
+        results["per_seed_comparisons"] = {str(s): c for s, c in per_seed_comparisons.items()}
+    out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_JSON).write_text(json.dumps(results, indent=2))
     write_episodes(out, per_episode)
     table = results_table(results)
     command = " ".join(["python", "benchmarks/accuracy.py", *(argv or sys.argv[1:])])
-    (out / RESULTS_MD).write_text(
-        f"# {args.preset}: {cfg.data.name} ({results['split']} split)\n\n"
-        f"`{command}`\n\nMachine: {results['machine']}; training time "
-        f"{results['training_seconds']:.0f} s; phase times (s): {json.dumps(timings)}\n\n"
-        f"Pre-trainings (variants that use each; baselines use `pretrain`): "
-        f"{json.dumps(results['pretrainings'])}\n\n"
-        f"Accuracy (%) ± 95% CI, every method on the same {cfg.eval.episodes} episodes.\n\n"
-        f"{table}\n\n{comparisons_table(comparisons)}\n\n"
-        f"![learning curves](learning_curves.png)\n\n![accuracy](accuracy.png)\n")
+    scope = (f"mean over {len(seeds)} seeds ({results['seed_axis']}: "
+             f"{', '.join(map(str, seeds))}) ± t-based 95% CI over seeds"
+             if several else f"± 95% CI over {cfg.eval.episodes} episodes")
+    notes = "\n".join(f"- {n}" for n in selection_notes(results))
+    text = (f"# {args.preset}: {cfg.data.name} ({results['split']} split)\n\n"
+            f"`{command}`\n\nMachine: {results['machine']}, {results['precision']}; training "
+            f"time {results['training_seconds']:.0f} s; phase times (s): {json.dumps(timings)}"
+            f"\n\nPre-trainings (variants that use each; baselines use `pretrain`): "
+            f"{json.dumps(results['pretrainings'])}\n\n"
+            f"Accuracy (%), {scope}; every method on the same {cfg.eval.episodes} episodes.\n\n"
+            f"{table}\n\n{comparisons_table(comparisons)}\n\n")
+    if several:
+        text += ("Across seeds, `*` means the 95% CI over seeds excludes 0 with at least "
+                 f"{MIN_SEEDS} seeds (the claim holds). Per seed (paired CI over episodes):\n\n"
+                 f"{per_seed_table(seeds, per_seed_comparisons)}\n\n")
+    if notes:
+        text += f"What selection kept:\n\n{notes}\n\n"
+    text += "![learning curves](learning_curves.png)\n\n![accuracy](accuracy.png)\n"
+    (out / RESULTS_MD).write_text(text)
     render(out)
     for row in rows:
         print(json.dumps({"preset": args.preset, **row}))

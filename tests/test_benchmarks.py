@@ -105,20 +105,60 @@ def test_accuracy_benchmark_and_report(tmp_path, capsys):
         "--set", "eval.ft_all_episodes=3", "--set", "eval.ft_all_steps=2"])
     results = json.loads((out / "results.json").read_text())
     methods = [r["method"] for r in results["results"]]
-    assert methods == ["protonet", "ft", "ft-all", "mtl+ht", "mtl-last"]
+    # each variant also as its best trained epoch ("-forced": what SS does, whatever
+    # selection kept)
+    assert methods == ["protonet", "ft", "ft-all", "mtl+ht", "mtl+ht-forced", "mtl-last",
+                       "mtl-last-forced"]
     assert results["variants"]["mtl-last"] == {"model.ss_scope": "last", "meta.ht": "off"}
     for name in ("results.md", "learning_curves.png", "accuracy.png"):
         assert (out / name).stat().st_size > 0
     rows = json_lines(capsys.readouterr().out)
     assert [r["method"] for r in rows if "method" in r] == methods
-    assert [(c["a"], c["b"]) for c in results["comparisons"]] == [("mtl+ht", "ft"),
-                                                                  ("mtl-last", "ft")]
+    assert [(c["a"], c["b"]) for c in results["comparisons"]] == [
+        ("mtl+ht", "ft"), ("mtl-last", "ft"), ("mtl+ht-forced", "ft"), ("mtl-last-forced", "ft")]
+    assert set(results["selections"]) == {"mtl+ht", "mtl-last"}
+    assert all(r["selected_epoch"] >= 0 for r in results["selections"].values())
     # `mtl report` renders the same plots from any run directory
     from metatransfer.cli import main
 
     (out / "accuracy.png").unlink()
     main(["report", str(out)])
     assert (out / "accuracy.png").is_file()
+
+
+@pytest.mark.slow
+def test_accuracy_benchmark_over_meta_seeds_and_seeds(tmp_path):
+    """--meta-seeds: one pre-training, a meta-training per seed; --seeds: the whole
+    pipeline per seed. Comparisons carry the per-seed paired differences and their mean
+    and t-based CI over seeds, which decide `holds`."""
+    bench = load("accuracy")
+    out = tmp_path / "meta-seeds"
+    results = bench.main(tiny_bench_args(out) + ["--variants", "mtl+ht", "--meta-seeds", "0,1,2"])
+    assert results["seeds"] == [0, 1, 2] and results["seed_axis"].startswith("one pre-training")
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["seed-0", "seed-1", "seed-2"]
+    assert (out / "seed-0" / "pretrain" / "pretrain_best.safetensors").is_file()
+    assert not (out / "seed-1" / "pretrain").exists()  # the one pre-training is shared
+    assert list(results["pretrainings"]) == ["seed 0: pretrain"]
+    row = next(c for c in results["comparisons"] if (c["a"], c["b"]) == ("mtl+ht", "ft"))
+    per_seed = [next(c for c in results["per_seed_comparisons"][str(s)]
+                     if (c["a"], c["b"]) == ("mtl+ht", "ft"))["diff"] for s in (0, 1, 2)]
+    assert row["per_seed"] == per_seed and row["seeds"] == 3
+    mean = sum(per_seed) / 3
+    sd = (sum((d - mean) ** 2 for d in per_seed) / 2) ** 0.5
+    assert row["diff"] == pytest.approx(round(mean, 2))
+    assert row["ci95"] == pytest.approx(round(4.303 * sd / 3 ** 0.5, 2), abs=0.011)
+    assert row["holds"] == row["significant"] == (abs(mean) > 4.303 * sd / 3 ** 0.5)
+    assert set(results["selections"]["mtl+ht"]) == {"0", "1", "2"}
+    # the baselines do not depend on the meta-training seed: identical on every seed
+    ft = next(r for r in results["results"] if r["method"] == "ft")
+    assert len(set(ft["per_seed"])) == 1 and ft["ci95"] == 0.0
+    text = (out / "results.md").read_text()
+    assert "mean over 3 seeds" in text and "| seed 0 | seed 1 | seed 2 |" in text
+    whole = bench.main(tiny_bench_args(tmp_path / "seeds") + [
+        "--variants", "mtl+ht", "--baselines", "ft", "--seeds", "0,1"])
+    assert list(whole["pretrainings"]) == ["seed 0: pretrain", "seed 1: pretrain"]
+    ft = next(r for r in whole["results"] if r["method"] == "ft")
+    assert len(ft["per_seed"]) == 2 and not any(c["holds"] for c in whole["comparisons"])
 
 
 def tiny_bench_args(out) -> list[str]:
@@ -144,10 +184,12 @@ def test_accuracy_benchmark_pretrains_per_config_and_pairs(tmp_path, capsys):
     assert (out / "pretrain@mtl-lr" / "pretrain_best.safetensors").is_file()
     assert results["variants"]["mtl-lr"] == {"pretrain.lr": "0.02", "model.ss_scope": "last"}
     assert [r["method"] for r in results["results"]] == [
-        "ft", "protonet", "mtl", "mtl-lr", "ft@mtl-lr", "protonet@mtl-lr"]
+        "ft", "protonet", "mtl", "mtl-forced", "mtl-lr", "mtl-lr-forced", "ft@mtl-lr",
+        "protonet@mtl-lr"]
     comparisons = results["comparisons"]
     assert [(c["a"], c["b"]) for c in comparisons] == [
-        ("mtl", "ft"), ("mtl-lr", "ft"), ("mtl-lr", "ft@mtl-lr"), ("ft@mtl-lr", "ft")]
+        ("mtl", "ft"), ("mtl-lr", "ft"), ("mtl-forced", "ft"), ("mtl-lr-forced", "ft"),
+        ("mtl-lr", "ft@mtl-lr"), ("ft@mtl-lr", "ft")]
     per_episode = results["per_episode"]
     saved = json.loads((out / "episodes.json").read_text())
     for c in comparisons:

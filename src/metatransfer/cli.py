@@ -286,9 +286,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .report import render
+    import json
+
+    from .report import render, selection_notes
+    from .results import RESULTS_JSON
 
     print("\n".join(str(p) for p in render(args.run_dir)))
+    results = Path(args.run_dir) / RESULTS_JSON
+    if results.is_file():
+        for note in selection_notes(json.loads(results.read_text())):
+            print(note)
 
 
 def cmd_presets(args: argparse.Namespace) -> None:

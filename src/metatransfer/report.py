@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from .errors import MTLError
+from .results import selection_sentence
 
 
 def _pyplot():
@@ -107,6 +108,10 @@ def plot_accuracy(results: dict, out: Path) -> Path | None:
     ax.set_ylim(max(0, min(lows) - 10), min(100, max(r["accuracy"] + r["ci95"] for r in rows) + 3))
     ax.set_ylabel("accuracy (%), 95% CI")
     ax.set_title(f"{results.get('dataset', '')} ({results.get('split', '')} split)")
+    notes = selection_notes(results)
+    if notes:  # which epoch selection kept, in words (mtl = ft said outright)
+        fig.text(0.01, 0.005, "\n".join(notes), fontsize=7, va="bottom")
+        fig.subplots_adjust(bottom=0.08 + 0.03 * len(notes))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=min(len(methods), 7), loc="upper center",
               bbox_to_anchor=(0.5, -0.1), frameon=False)
@@ -117,18 +122,39 @@ def plot_accuracy(results: dict, out: Path) -> Path | None:
     return path
 
 
+def selection_notes(results: dict) -> list[str]:
+    """What selection kept: ``results["selection"]`` of one run, or ``"selections"`` of a
+    benchmark (``{variant: record}`` or ``{variant: {seed: record}}``)."""
+    if results.get("selection"):
+        return [selection_sentence(results["selection"])]
+    notes = []
+    for variant, record in (results.get("selections") or {}).items():
+        per_seed = record if "selected_epoch" not in record else {"": record}
+        for seed, one in per_seed.items():
+            label = f"{variant}" + (f", seed {seed}" if seed != "" else "")
+            notes.append(f"{label}: {selection_sentence(one)}")
+    return notes
+
+
 def plot_differences(ax, comparisons: list[dict]) -> None:
     """Each paired difference as a point with its 95% CI bar around a 0 line; filled when
-    the CI excludes 0 (a real difference), hollow when it does not."""
+    the CI excludes 0 (a real difference), hollow when it does not. Over several training
+    seeds (a benchmark's ``per_seed``) the bar is the t-based CI over seeds and each seed's
+    own difference is a small grey mark."""
     for y, c in enumerate(comparisons):
         color = "tab:green" if c["diff"] > 0 else "tab:red"
+        for value in c.get("per_seed") or []:
+            ax.plot(value, y + 0.18, marker="|", color="grey", markersize=7)
         ax.errorbar(c["diff"], y, xerr=c["ci95"], fmt="o", capsize=3, color=color,
                     markerfacecolor=color if c["significant"] else "white")
     ax.axvline(0, color="black", linewidth=0.8)
     labels = [f"{c['a']} − {c['b']}, {c['ways']}-way {c['shots']}-shot" for c in comparisons]
     ax.set_yticks(range(len(comparisons)), labels, fontsize=8)
     ax.set_ylim(len(comparisons) - 0.5, -0.5)  # first comparison on top
-    ax.set_xlabel("paired difference (points), 95% CI; filled: CI excludes 0")
+    seeds = max((len(c.get("per_seed") or []) for c in comparisons), default=0)
+    ax.set_xlabel("paired difference (points), 95% CI; filled: CI excludes 0" if not seeds else
+                  f"paired difference (points): mean over {seeds} seeds (grey: each seed), "
+                  "t-based 95% CI over seeds; filled: the claim holds")
     ax.grid(axis="x", alpha=0.3)
 
 

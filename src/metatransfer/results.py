@@ -101,6 +101,46 @@ def comparison_rows(per_episode: dict[str, np.ndarray], pairs: list[tuple[str, s
 # ----------------------------------------------------------------------------- records
 
 
+# two-sided 95% quantiles of Student's t, by degrees of freedom (df > 30: a Cornish-Fisher
+# expansion around the normal quantile, within 1e-3 of the exact value)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+Z975 = 1.959964
+
+
+def t_quantile_975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (95% two-sided)."""
+    if df < 1:
+        raise ValueError(f"a t interval needs at least 1 degree of freedom, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = Z975
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+#: seeds a claim "A beats B" needs (SPEC section 7)
+MIN_SEEDS = 3
+
+
+def across_seeds(diffs: list[float]) -> dict:
+    """Per-seed paired differences (points) summarised over training seeds: ``mean``,
+    ``sd`` (ddof 1), ``ci95`` (t with n - 1 degrees of freedom: ``t * sd / sqrt(n)``) and
+    ``holds``: at least :data:`MIN_SEEDS` seeds and a CI that excludes 0. The paired CI of
+    one run covers its episodes, not its training; this one covers the training too."""
+    values = [float(d) for d in diffs]
+    n = len(values)
+    mean = sum(values) / n if n else float("nan")
+    if n < 2:
+        return {"seeds": n, "per_seed": values, "mean": round(mean, 2), "sd": None,
+                "ci95": None, "holds": False}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    ci = t_quantile_975(n - 1) * sd / math.sqrt(n)
+    return {"seeds": n, "per_seed": [round(v, 2) for v in values], "mean": round(mean, 2),
+            "sd": round(sd, 2), "ci95": round(ci, 2),
+            "holds": bool(n >= MIN_SEEDS and abs(mean) > ci)}
+
+
 def result_row(method: str, ways: int, shots: int, queries: int, acc) -> dict:
     """One method in one setting: accuracy and CI in percent, rounded to 2 decimals."""
     mean, ci = mean_ci95(acc)
@@ -161,13 +201,42 @@ def comparisons_table(comparisons: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + COMPARISONS_LEGEND
 
 
+SELECTION_KEYS = ("selected_epoch", "selection_acc", "meta_epochs", "selection")
+
+
+def selection_record(extra: dict) -> dict | None:
+    """What selection kept, from a meta checkpoint's metadata (``results.json``'s
+    ``"selection"``): the meta-training epoch (0 = the pre-trained network), its selection
+    accuracy, the number of epochs and where selection looked; None for checkpoints that
+    do not record it (older ones, imports)."""
+    if "selected_epoch" not in extra:
+        return None
+    return {k: extra[k] for k in SELECTION_KEYS if k in extra}
+
+
+def selection_sentence(selection: dict | None) -> str:
+    """The kept epoch in words; "mtl = ft" said outright when it is the starting network."""
+    if not selection:
+        return ""
+    epoch, acc = selection["selected_epoch"], selection.get("selection_acc")
+    where = f" on {selection['selection']}" if selection.get("selection") else ""
+    if epoch == 0:
+        return (f"Selection kept the pre-trained network (meta-training epoch 0, selection "
+                f"accuracy {acc:.2f}%{where}): mtl = ft, SS is the identity.")
+    total = f" of {selection['meta_epochs']}" if selection.get("meta_epochs") else ""
+    return (f"Selection kept meta-training epoch {epoch}{total} (selection accuracy "
+            f"{acc:.2f}%{where}).")
+
+
 def printout(results: dict, folder: Path, suffix: str = "") -> str:
     """What ``mtl run`` / ``mtl meta-test`` print: the accuracy table, the paired
-    differences and where the results are."""
+    differences, what selection kept and where the results are."""
     text = results_table(results)
     if results["comparisons"]:
         text += ("\n\npaired differences (points, 95% CI; * = CI excludes 0):\n"
                  + comparisons_table(results["comparisons"]))
+    if results.get("selection"):
+        text += "\n\n" + selection_sentence(results["selection"])
     return text + f"\n\nresults in {Path(folder) / RESULTS_MD}{suffix}"
 
 
@@ -206,4 +275,6 @@ def write_results(folder: Path, results: dict) -> None:
             f"{results_table(results)}\n")
     if results.get("comparisons"):
         text += f"\n{comparisons_table(results['comparisons'])}\n"
+    if results.get("selection"):
+        text += f"\n{selection_sentence(results['selection'])}\n"
     (folder / RESULTS_MD).write_text(text)

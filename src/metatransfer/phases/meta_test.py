@@ -43,7 +43,14 @@ from ..loader import CheckpointPaths, LoadedModel, load_models
 from ..methods.catalog import create_method
 from ..methods.registry import check_methods, comparison_pairs
 from ..preprocessing import apply_stats, check_decoding, for_checkpoint
-from ..results import comparison_rows, result_row, setting_key, training_sizes, write_results
+from ..results import (
+    comparison_rows,
+    result_row,
+    selection_record,
+    setting_key,
+    training_sizes,
+    write_results,
+)
 from ..runs import RunDir
 from .common import channels_last, use_amp
 
@@ -135,6 +142,8 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
     by_method = {m: models[m].preprocessing.as_dict() for m in ec.methods}
     if any(p != preprocessing for p in by_method.values()):
         results["preprocessing_by_method"] = by_method
+    if "mtl" in models and (kept := selection_record(models["mtl"].info.extra)):
+        results["selection"] = kept  # which meta-training epoch mtl is (0: mtl = ft)
     if "data_fingerprint" in split.meta:  # e.g. the fonts the glyphs were rendered from
         results["data_fingerprint"] = split.meta["data_fingerprint"]
     if run.is_main:

@@ -307,7 +307,7 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
                       else (kept.trained_epoch, kept.trained_acc))
         info = dataclasses.replace(meta_info, extra={
             **meta_info.extra, "selected_epoch": epoch, "selection_acc": round(acc, 2),
-            "selection": selection_name(cfg.data)})
+            "meta_epochs": mc.epochs, "selection": selection_name(cfg.data)})
         save_model(path, info, backbone, learner.head())
 
     return loop.run(mc.episodes_per_epoch, train_step, validate, summary, save_best)
