@@ -7,6 +7,12 @@ the per-episode difference of each method gives a paired 95% CI several times na
 either run's own CI. Prints one JSON line per method and setting, and a markdown table.
 
     python benchmarks/compare_runs.py runs/glyphs-fp32 runs/glyphs-bf16 --names fp32,bf16
+
+Several runs per side (comma-separated, one per training seed, paired in order) give each
+seed's paired difference and their mean with a t-based 95% CI over seeds: the interval
+that covers the training as well as the episodes (a claim needs at least 3 seeds).
+
+    python benchmarks/compare_runs.py runs/a-s0,runs/a-s1,runs/a-s2 runs/b-s0,runs/b-s1,runs/b-s2
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metatransfer.results import mean_ci95, paired_row, setting_key
+from metatransfer.results import across_seeds, mean_ci95, paired_row, setting_key
 
 # results.json keys that decide which episodes were drawn
 EPISODE_SOURCE = ("dataset", "split", "eval_seed", "data_fingerprint")
@@ -85,19 +91,57 @@ def table(rows: list[dict], names: tuple[str, str]) -> str:
     return "\n".join(lines)
 
 
+def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
+    """Per method and setting: each seed's paired difference and their summary over seeds
+    (:func:`metatransfer.results.across_seeds`)."""
+    keys = [(r["method"], r["ways"], r["shots"]) for r in per_seed[0]]
+    out = []
+    for key in keys:
+        found = [next((r for r in rows if (r["method"], r["ways"], r["shots"]) == key), None)
+                 for rows in per_seed]
+        if any(r is None for r in found):
+            continue
+        out.append({"method": key[0], "ways": key[1], "shots": key[2],
+                    **across_seeds([r["diff"] for r in found]),
+                    "per_seed_ci95": [r["ci95"] for r in found]})
+    return out
+
+
+def seeds_table(rows: list[dict], names: tuple[str, str]) -> str:
+    lines = [f"| method | setting | {names[1]} − {names[0]} per seed | mean ± t-CI over seeds "
+             "| holds |", "|---|---|---|---|---|"]
+    for r in rows:
+        ci = "–" if r["ci95"] is None else f"{r['ci95']:.2f}"
+        lines.append(f"| {r['method']} | {r['ways']}-way {r['shots']}-shot | "
+                     + ", ".join(f"{d:+.2f}" for d in r["per_seed"])
+                     + f" | {r['mean']:+.2f} ± {ci} | {'yes' if r['holds'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run_a", type=Path)
-    p.add_argument("run_b", type=Path)
+    p.add_argument("run_a", help="a run directory, or several (one per seed) joined by commas")
+    p.add_argument("run_b", help="as run_a, as many, in the same seed order")
     p.add_argument("--names", default="a,b", help="labels of the two runs (default: a,b)")
     args = p.parse_args(argv)
     names = tuple(args.names.split(","))
     if len(names) != 2 or len(set(names)) != 2:
         p.error("--names takes two different labels, e.g. fp32,bf16")
-    rows = compare(load_run(args.run_a), load_run(args.run_b), names)
+    side_a = [Path(x) for x in args.run_a.split(",") if x]
+    side_b = [Path(x) for x in args.run_b.split(",") if x]
+    if len(side_a) != len(side_b):
+        p.error(f"{len(side_a)} runs against {len(side_b)}: give one run per seed on each side")
+    per_seed = [compare(load_run(a), load_run(b), names)
+                for a, b in zip(side_a, side_b, strict=True)]
+    if len(per_seed) == 1:
+        for row in per_seed[0]:
+            print(json.dumps(row))
+        print(table(per_seed[0], names), file=sys.stderr)
+        return per_seed[0]
+    rows = over_seeds(per_seed)
     for row in rows:
         print(json.dumps(row))
-    print(table(rows, names), file=sys.stderr)
+    print(seeds_table(rows, names), file=sys.stderr)
     return rows
 
 

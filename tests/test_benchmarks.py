@@ -239,3 +239,20 @@ def test_compare_runs_pairs_episodes(tmp_path, capsys):
     other = fake_run(tmp_path / "c", [0.8, 0.8, 1.0, 0.8], eval_seed=7)
     with pytest.raises(SystemExit, match="not scored on the same episodes: eval_seed"):
         load("compare_runs").main([str(a), str(other)])
+
+
+def test_compare_runs_over_seeds(tmp_path, capsys):
+    """Three runs per side, paired by seed: each seed's paired difference, then their mean
+    and t-based CI over the seeds (df 2: t = 4.303)."""
+    a = [fake_run(tmp_path / f"a{s}", [0.6, 0.6, 0.6, 0.6]) for s in range(3)]
+    b = [fake_run(tmp_path / f"b{s}", acc) for s, acc in
+         enumerate([[0.8, 0.8, 0.8, 0.8], [0.7, 0.7, 0.7, 0.7], [0.9, 0.9, 0.9, 0.9]])]
+    rows = load("compare_runs").main([",".join(map(str, a)), ",".join(map(str, b))])
+    # per seed +20, +10, +30 points: mean 20, sd 10, CI 4.303 * 10 / sqrt(3) = 24.84
+    assert rows[0]["per_seed"] == [20.0, 10.0, 30.0] and rows[0]["mean"] == 20.0
+    assert rows[0]["sd"] == 10.0 and rows[0]["ci95"] == pytest.approx(24.84, abs=0.01)
+    assert rows[0]["holds"] is False  # paired CIs of 0 per seed, yet the seeds disagree
+    assert rows[0]["per_seed_ci95"] == [0.0, 0.0, 0.0]
+    assert "holds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load("compare_runs").main([",".join(map(str, a)), str(b[0])])

@@ -90,3 +90,39 @@ def test_chunked_forward_gives_the_same_meta_gradient():
         grads.append([p.grad.clone() for p in learner.ss_params] + [learner.weight0.grad])
     for plain, chunked in zip(*grads, strict=True):
         torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("source", ["bn_mode=train", "batch-statistics checkpoint"])
+def test_batch_statistics_embed_support_and_queries_in_calls_of_their_own(source):
+    """With BN normalising by batch statistics an embedding depends on its batch, so each
+    task's support set and query set are embedded apart, as meta-test embeds them; the
+    support features are then exactly those of one call on the support images alone."""
+    from metatransfer.data.transforms import gather_uint8
+    from metatransfer.phases.meta_train import task_losses
+
+    torch.manual_seed(0)
+    split = make_toy_split("train")
+    extra = ["meta.bn_mode=train"] if source == "bn_mode=train" else []
+    cfg = load_config(overrides=["meta.inner_steps=2", "meta.queries=3", "meta.ht=off",
+                                 "meta.meta_batch=2", "amp=off", *extra])
+    if extra:
+        backbone = create_backbone("conv4", in_channels=1, width=8)
+    else:
+        backbone = create_backbone("resnet12-tf", in_channels=1, widths=[4, 8],
+                                   bn_stats="batch")
+    learner = MetaLearner(backbone, 5, "kernel", "all", False)
+    learner.train(bool(extra))
+    calls: list[int] = []
+    backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    sampler = EpisodeSampler(split.indices_by_class, 5, 1, 3, seed=0)
+    batch = sampler.batch(0, 2)
+    norm = Normalizer(split.mean, split.std, torch.device("cpu"))
+    losses, _ = task_losses(learner, split, batch, cfg, norm, torch.device("cpu"))
+    assert calls == [5, 5, 15, 15]  # support, support, queries, queries
+    assert torch.isfinite(losses).all() and losses.shape == (2,)
+    if not extra:  # eval mode: the same support features as one call on them alone
+        with torch.no_grad():
+            alone = backbone(norm(gather_uint8(split, batch.support[1], torch.device("cpu"))))
+            mixed = backbone(norm(gather_uint8(split, np.concatenate(
+                [batch.support[1], batch.query[1]]), torch.device("cpu"))))[:5]
+        assert not torch.allclose(alone, mixed, atol=1e-4)  # why the calls must be apart

@@ -33,6 +33,7 @@ from ..data.base import ImageSplit
 from ..data.episodes import EpisodeBatch, EpisodeSampler, hard_tasks
 from ..data.training import selection_name, training_splits
 from ..data.transforms import Normalizer, gather_uint8
+from ..embedding import uses_batch_stats
 from ..errors import CheckpointError, MTLError
 from ..learners import adapt, linear_logits, normalize_features
 from ..methods.mtl import MTL
@@ -107,6 +108,11 @@ def forward_chunk(cfg: RunConfig, device: torch.device) -> int:
     return 16 if device.type == "cpu" and cfg.meta.bn_mode == "eval" else 0
 
 
+def batch_statistics(learner: MetaLearner, cfg: RunConfig) -> bool:
+    """Whether BatchNorm normalises meta-training batches with their own statistics."""
+    return cfg.meta.bn_mode == "train" or uses_batch_stats(learner.backbone)
+
+
 def episode_labels(ways: int, per_class: int, device: torch.device) -> torch.Tensor:
     """``(ways * per_class,)`` labels 0,0,..,1,1,.. made on the device (no host copy per
     step); the same as ``EpisodeBatch.support_labels`` / ``query_labels``."""
@@ -125,21 +131,29 @@ def task_losses(
     ``(T, n_query)`` (on the device: no host sync unless HT needs it).
 
     All tasks' support and query images go through one backbone forward pass (in chunks
-    on CPU, see :func:`forward_chunk`).
+    on CPU, see :func:`forward_chunk`), unless BatchNorm normalises with batch statistics
+    (``meta.bn_mode=train``, or a checkpoint whose BN has no running statistics): then an
+    image's embedding depends on its batch, so each task's support set and query set are
+    embedded in calls of their own, as meta-test (and the MTL authors' code) embeds them.
     """
     mc = cfg.meta
     tasks, n_support = batch.support.shape
+    n_query = batch.query.shape[1]
     indices = np.concatenate([batch.support.ravel(), batch.query.ravel()])
     images = normalizer(gather_uint8(split, indices, device))
     chunk = forward_chunk(cfg, device)
     with autocast(use_amp(cfg, device), device):
-        if 0 < chunk < len(images):
+        if batch_statistics(learner, cfg):
+            parts = list(images[: tasks * n_support].split(n_support))
+            parts += list(images[tasks * n_support:].split(n_query))
+            feats = torch.cat([learner.backbone(part) for part in parts])
+        elif 0 < chunk < len(images):
             feats = torch.cat([learner.backbone(part) for part in images.split(chunk)])
         else:
             feats = learner.backbone(images)
     feats = normalize_features(feats.float(), mc.feature_norm)
     support = feats[: tasks * n_support].view(tasks, n_support, -1)
-    query = feats[tasks * n_support:].view(tasks, batch.query.shape[1], -1)
+    query = feats[tasks * n_support:].view(tasks, n_query, -1)
     support_labels = episode_labels(batch.ways, batch.shots, device).expand(tasks, -1)
     query_labels = episode_labels(batch.ways, batch.queries, device).expand(tasks, -1)
     weight, bias = adapt(learner.weight0, learner.bias0, support, support_labels, batch.ways,
