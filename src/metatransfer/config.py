@@ -167,6 +167,10 @@ class EvalConfig:
     methods: list[str] = field(default_factory=lambda: list(EMBED_ONCE_METHODS))
     inner_steps: int = 100  # base-learner steps per episode
     inner_lr: float = 0.01  # base-learner learning rate
+    # the ft baseline's own inner loop, tuned apart from mtl's (null = eval.inner_*); see
+    # benchmarks/tune_inner_loop.py
+    ft_inner_steps: int | None = None
+    ft_inner_lr: float | None = None
     seed: int = 1234  # episode seed, independent of the training seed
     # seed of the validation episodes that select checkpoints during training: a stream of
     # its own (see EpisodeSampler's stream), so selection never sees reported episodes
@@ -457,7 +461,7 @@ _NON_NEGATIVE = {
                  "grad_clip"],
     "meta": ["epochs", "inner_steps", "inner_lr", "ht_tasks", "lr_ss", "lr_head", "step_size",
              "grad_clip", "ss_decay"],
-    "eval": ["inner_steps", "inner_lr"],
+    "eval": ["inner_steps", "inner_lr", "ft_inner_steps", "ft_inner_lr"],
     "": ["threads", "checkpoint_minutes", "checkpoint_every_steps"],
 }
 
@@ -497,7 +501,7 @@ def validate(cfg: RunConfig) -> None:
         owner = getattr(cfg, section) if section else cfg
         for name in names:
             value = getattr(owner, name)
-            if value < 0:
+            if value is not None and value < 0:
                 where = f"{section}.{name}" if section else name
                 raise ConfigError(f"'{where}' must not be negative, got {value}")
     for value in cfg.eval.ways:

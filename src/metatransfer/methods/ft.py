@@ -25,7 +25,11 @@ class FineTune(FewShotMethod):
 
     @classmethod
     def from_config(cls, ec: EvalConfig, head=None) -> FineTune:
-        return cls(ec.inner_steps, ec.inner_lr)
+        """``eval.ft_inner_steps`` / ``ft_inner_lr`` when set (a baseline tuned on its
+        own), else the inner loop ``mtl`` evaluates with."""
+        steps = ec.inner_steps if ec.ft_inner_steps is None else ec.ft_inner_steps
+        lr = ec.inner_lr if ec.ft_inner_lr is None else ec.ft_inner_lr
+        return cls(steps, lr)
 
     def fit(self, support: torch.Tensor, labels: torch.Tensor, ways: int) -> FineTune:
         weight0 = support.new_zeros(ways, support.shape[-1])

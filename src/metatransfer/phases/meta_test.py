@@ -142,6 +142,9 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
     by_method = {m: models[m].preprocessing.as_dict() for m in ec.methods}
     if any(p != preprocessing for p in by_method.values()):
         results["preprocessing_by_method"] = by_method
+    if "ft" in methods and (ec.ft_inner_steps is not None or ec.ft_inner_lr is not None):
+        ft = methods["ft"]  # tuned apart from mtl's inner loop
+        results["ft_inner_steps"], results["ft_inner_lr"] = ft.steps, ft.lr
     if "mtl" in models and (kept := selection_record(models["mtl"].info.extra)):
         results["selection"] = kept  # which meta-training epoch mtl is (0: mtl = ft)
     if "data_fingerprint" in split.meta:  # e.g. the fonts the glyphs were rendered from
