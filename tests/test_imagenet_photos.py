@@ -77,3 +77,25 @@ def test_mtl_adapt_on_a_folder_of_photos(lite0, tmp_path, capsys):
     rows = capsys.readouterr().out.strip().splitlines()[1:]
     right = sum(Path(r.split()[0]).name.split("_")[0] == r.split()[1] for r in rows)
     assert len(rows) == 9 and right >= 8, rows
+
+
+def test_meta_test_of_the_imported_network_runs_its_baselines(tmp_path, caplog):
+    """`mtl meta-test --checkpoint lite0.safetensors` on miniImageNet: the methods a
+    pre-trained network supports (ft, protonet), with a line on the one it cannot run."""
+    import json
+    import logging
+
+    if not (MINI / "val.csv").is_file():
+        pytest.skip(f"shared miniImageNet not found at {MINI}")
+    small = tmp_path / "lite0-64.safetensors"
+    main(["import", "efficientnet-lite0", "--out", str(small), "--image-size", "64"])
+    out = tmp_path / "eval"
+    with caplog.at_level(logging.INFO, logger="metatransfer"):
+        main(["meta-test", "--checkpoint", str(small), "--set", "data.name=miniimagenet",
+              "--set", f"data.root={MINI}", "--set", "eval.split=val", "--episodes", "6",
+              "--set", "eval.shots=[1]", "--out", str(out), "--quiet"])
+    results = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in results["results"]} == {"ft", "protonet"}
+    assert results["preprocessing"]["image_size"] == 64
+    assert results["preprocessing"]["resize"] == "crop:73:bicubic"
+    assert any("mtl cannot run on this checkpoint" in r.message for r in caplog.records)

@@ -221,6 +221,8 @@ def cmd_meta_test(args: argparse.Namespace) -> None:
         args.config = str(source / CONFIG_NAME)
     explicit = args.out or any(o.strip().startswith("out=") for o in args.overrides)
     cfg = resolve_run_config(args)
+    cfg = _methods_it_supports(cfg, paths, explicit_methods=bool(args.methods) or any(
+        o.strip().startswith("eval.methods") for o in args.overrides))
     from .phases.meta_test import meta_test
     from .results import RESULTS_JSON
 
@@ -248,6 +250,26 @@ def cmd_meta_test(args: argparse.Namespace) -> None:
         _current_run.clear()  # an evaluation is rerun, not resumed
         raise
     print_results(run, results)
+
+
+def _methods_it_supports(cfg: RunConfig, paths, explicit_methods: bool) -> RunConfig:
+    """Methods a preset or config names but the checkpoint cannot run (``mtl`` of an
+    imported pre-trained network) are left out, with a line saying so; methods asked for
+    with --method or eval.methods are run, or refused, as asked."""
+    import dataclasses
+
+    from .loader import available_methods
+
+    if explicit_methods:
+        return cfg
+    usable = set(available_methods(paths)) | {"ft-all"}
+    kept = [m for m in cfg.eval.methods if m in usable]
+    dropped = [m for m in cfg.eval.methods if m not in usable]
+    if dropped and kept:
+        log.info("evaluating %s: %s cannot run on this checkpoint (it has no meta-trained "
+                 "network)", ", ".join(kept), ", ".join(dropped))
+        return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, methods=kept))
+    return cfg
 
 
 def print_results(run, results: dict, suffix: str = "") -> None:
