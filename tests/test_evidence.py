@@ -153,6 +153,19 @@ def test_tuned_baseline_inner_loop_on_selection_classes(tmp_path, capsys):
     assert (results["ft_inner_steps"], results["ft_inner_lr"]) == (ft["steps"], ft["lr"])
 
 
+def test_adapt_runs_each_method_with_the_inner_loop_meta_test_uses(tmp_path):
+    from metatransfer import FewShotClassifier
+
+    out = tmp_path / "run"
+    main(run_args(out, "eval.shots=[1]", "meta.inner_steps=4", "eval.inner_steps=6",
+                  "eval.inner_lr=0.3", "eval.ft_inner_steps=2", "eval.ft_inner_lr=0.7"))
+    mtl = FewShotClassifier.from_checkpoint(out, "mtl", "cpu")
+    ft = FewShotClassifier.from_checkpoint(out, "ft", "cpu")
+    assert (mtl.learner.steps, mtl.learner.lr) == (6, 0.3)  # eval's, not meta-training's 4
+    assert (ft.learner.steps, ft.learner.lr) == (2, 0.7)
+    assert FewShotClassifier.from_checkpoint(out, "ft", "cpu", inner_steps=9).learner.steps == 9
+
+
 def test_statistics_over_seeds_by_hand():
     assert t_quantile_975(1) == 12.706 and t_quantile_975(2) == 4.303
     assert t_quantile_975(60) == pytest.approx(2.000, abs=1e-3)  # tables: 2.0003

@@ -171,8 +171,13 @@ class FewShotClassifier:
                            "use --method protonet or ft with a pre-trained one")
         self.device = _resolve_device(device)
         self.model, self.info, self.method = model, model.info, method
-        self.inner_steps = model.info.inner_steps if inner_steps is None else int(inner_steps)
-        self.inner_lr = model.info.inner_lr if inner_lr is None else float(inner_lr)
+        # the checkpoint's evaluation inner loop: ft's own when meta-test tuned it apart
+        own = "ft_" if method == "ft" else ""
+        info = model.info
+        default_steps = info.extra.get(f"{own}inner_steps", info.inner_steps)
+        default_lr = info.extra.get(f"{own}inner_lr", info.inner_lr)
+        self.inner_steps = int(default_steps) if inner_steps is None else int(inner_steps)
+        self.inner_lr = float(default_lr) if inner_lr is None else float(inner_lr)
         # channels_last as runs default to, so the embeddings are meta-test's
         self.embedder = model.embedder(self.device, amp=autocast_enabled(amp, self.device),
                                        channels_last=True)

@@ -49,7 +49,7 @@ from .common import (
     use_amp,
     validation_accuracy,
 )
-from .pretrain import model_info
+from .pretrain import ft_settings, model_info
 
 log = logging.getLogger(__name__)
 
@@ -289,10 +289,15 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
     embedder = make_embedder(cfg, backbone, val, device, mc.feature_norm)
     meta_info = model_info(cfg, train, backbone, "meta", start=info)
     meta_info.ways = mc.ways
-    meta_info.inner_steps, meta_info.inner_lr = mc.inner_steps, mc.inner_lr
+    # the inner loop mtl is evaluated with (meta-test's, so adapt and serve run as it does)
+    meta_info.inner_steps, meta_info.inner_lr = cfg.eval.inner_steps, cfg.eval.inner_lr
     meta_info.extra = {"bn_affine": cfg.model.ss_bn_affine, "ss_scope": cfg.model.ss_scope,
                        "ss_granularity": cfg.model.ss_granularity, "ht": mc.ht,
-                       "head_init": mc.head_init, "bn_mode": mc.bn_mode}
+                       "head_init": mc.head_init, "bn_mode": mc.bn_mode,
+                       **({"meta_inner_steps": mc.inner_steps, "meta_inner_lr": mc.inner_lr}
+                          if (mc.inner_steps, mc.inner_lr) != (cfg.eval.inner_steps,
+                                                               cfg.eval.inner_lr) else {}),
+                       **ft_settings(cfg)}
     meta_info.resize = prep.resize
 
     def train_step(epoch: int, step: int) -> Step:

@@ -75,8 +75,20 @@ def model_info(cfg: RunConfig, split, backbone: nn.Module, phase: str,
         mean=list(split.mean), std=list(split.std), phase=phase,
         feature_norm=cfg.meta.feature_norm, inner_steps=cfg.eval.inner_steps,
         inner_lr=cfg.eval.inner_lr, source=cfg.data.name,
-        extra={"init": cfg.pretrain.init} if start else {},
+        extra={**({"init": cfg.pretrain.init} if start else {}), **ft_settings(cfg)},
     )
+
+
+def ft_settings(cfg: RunConfig) -> dict:
+    """The ft baseline's own evaluation inner loop when the config tunes it apart
+    (``eval.ft_inner_*``): recorded so that adapt and serve run ft as meta-test does."""
+    ec = cfg.eval
+    out = {}
+    if ec.ft_inner_steps is not None:
+        out["ft_inner_steps"] = ec.ft_inner_steps
+    if ec.ft_inner_lr is not None:
+        out["ft_inner_lr"] = ec.ft_inner_lr
+    return out
 
 
 def initial_network(cfg: RunConfig) -> tuple[ModelInfo, dict] | None:
