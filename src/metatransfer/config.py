@@ -170,7 +170,7 @@ class EvalConfig:
     # the ft baseline's own inner loop, tuned apart from mtl's (null = eval.inner_*); see
     # benchmarks/tune_inner_loop.py
     ft_inner_steps: int | None = None
-    ft_inner_lr: float | None = None
+    ft_inner_lr: float | None = None  # the ft baseline's own lr (null = eval.inner_lr)
     seed: int = 1234  # episode seed, independent of the training seed
     # seed of the validation episodes that select checkpoints during training: a stream of
     # its own (see EpisodeSampler's stream), so selection never sees reported episodes
