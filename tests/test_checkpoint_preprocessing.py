@@ -84,7 +84,9 @@ def world(tmp_path_factory):
           "--set", "data.name=folder", "--set", f"data.root={data}", "--set", "device=cpu",
           "--set", f"eval.episodes={EPISODES}", "--set", "eval.ways=[3]",
           "--set", "eval.shots=[1,2]", "--set", "eval.queries=3",
-          "--set", f"eval.inner_steps={STEPS}", "--set", f"eval.inner_lr={LR}"])
+          "--set", f"eval.inner_steps={STEPS}", "--set", f"eval.inner_lr={LR}",
+          # ft on the checkpoint's loop, not the default preset's own tuned one
+          "--set", "eval.ft_inner_steps=null", "--set", "eval.ft_inner_lr=null"])
     results = json.loads((out / "results.json").read_text())
     per_episode = json.loads((out / "episodes.json").read_text())
     return {"data": data, "model": model_dir / "model.safetensors", "results": results,

@@ -212,6 +212,8 @@ def meta_test(checkpoint: Path, data: dict, split: str, out: Path) -> dict:
             "--set", f"eval.episodes={EPISODES}", "--set", f"eval.ways=[{WAYS}]",
             "--set", f"eval.shots=[{SHOTS}]", "--set", f"eval.queries={QUERIES}",
             "--set", f"eval.inner_steps={STEPS}", "--set", f"eval.inner_lr={LR}",
+            # ft on the checkpoint's loop, not the default preset's own tuned one
+            "--set", "eval.ft_inner_steps=null", "--set", "eval.ft_inner_lr=null",
             "--set", f"eval.split={split}"]
     for key, value in data.items():
         args += ["--set", f"data.{key}={value}"]
