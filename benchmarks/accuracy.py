@@ -245,7 +245,7 @@ def combine_rows(per_seed: dict[int, list[dict]]) -> list[dict]:
         if not all(key in k for k in keyed):
             continue
         accs = [k[key]["accuracy"] for k in keyed]
-        stats = across_seeds(accs)
+        stats = across_seeds(accs, [k[key]["ci95"] for k in keyed])
         rows.append({**first, "accuracy": stats["mean"], "ci95": stats["ci95"] or 0.0,
                      "seeds": len(seeds), "per_seed": accs,
                      "per_seed_ci95": [k[key]["ci95"] for k in keyed]})
@@ -262,11 +262,11 @@ def combine_comparisons(per_seed: dict[int, list[dict]]) -> list[dict]:
     for key, first in keyed[0].items():
         if not all(key in k for k in keyed):
             continue
-        stats = across_seeds([k[key]["diff"] for k in keyed])
-        out.append({"a": first["a"], "b": first["b"], "ways": first["ways"],
+        stats = across_seeds([k[key]["diff"] for k in keyed], [k[key]["ci95"] for k in keyed])
+        out.append({**stats, "a": first["a"], "b": first["b"], "ways": first["ways"],
                     "shots": first["shots"], "episodes": first["episodes"],
                     "diff": stats["mean"], "ci95": stats["ci95"] or 0.0,
-                    "significant": stats["holds"], **stats,
+                    "significant": stats["holds"],
                     "per_seed_ci95": [k[key]["ci95"] for k in keyed],
                     "per_seed_significant": [k[key]["significant"] for k in keyed]})
     return out
@@ -357,7 +357,7 @@ def measure(argv: list[str] | None = None) -> dict:
     settings = list(dict.fromkeys((r["ways"], r["shots"]) for r in first.rows))
     per_seed_comparisons = {s: comparison_rows(b.per_episode, pairs, settings)
                             for s, b in benches.items()}
-    several = axis is not None
+    several = axis is not None and len(seeds) > 1  # one seed is a plain benchmark
     if several:
         rows = combine_rows({s: b.rows for s, b in benches.items()})
         comparisons = combine_comparisons(per_seed_comparisons)
@@ -408,7 +408,9 @@ def measure(argv: list[str] | None = None) -> dict:
             f"{table}\n\n{comparisons_table(comparisons)}\n\n")
     if several:
         text += ("Across seeds, `*` means the 95% CI over seeds excludes 0 with at least "
-                 f"{MIN_SEEDS} seeds (the claim holds). Per seed (paired CI over episodes):\n\n"
+                 f"{MIN_SEEDS} seeds (the claim holds); where every seed gives the same value "
+                 "(nothing compared depends on the seed), the widest per-seed episode CI "
+                 "stands in. Per seed (paired CI over episodes):\n\n"
                  f"{per_seed_table(seeds, per_seed_comparisons)}\n\n")
     if notes:
         text += f"What selection kept:\n\n{notes}\n\n"

@@ -102,7 +102,7 @@ def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
         if any(r is None for r in found):
             continue
         out.append({"method": key[0], "ways": key[1], "shots": key[2],
-                    **across_seeds([r["diff"] for r in found]),
+                    **across_seeds([r["diff"] for r in found], [r["ci95"] for r in found]),
                     "per_seed_ci95": [r["ci95"] for r in found]})
     return out
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -146,12 +147,16 @@ def test_accuracy_benchmark_over_meta_seeds_and_seeds(tmp_path):
     mean = sum(per_seed) / 3
     sd = (sum((d - mean) ** 2 for d in per_seed) / 2) ** 0.5
     assert row["diff"] == pytest.approx(round(mean, 2))
-    assert row["ci95"] == pytest.approx(round(4.303 * sd / 3 ** 0.5, 2), abs=0.011)
-    assert row["holds"] == row["significant"] == (abs(mean) > 4.303 * sd / 3 ** 0.5)
+    ci = 4.303 * sd / 3 ** 0.5
+    if len(set(per_seed)) == 1:  # nothing compared depends on the seed: episode CIs decide
+        assert row["seed_independent"]
+        ci = max(row["per_seed_ci95"])
+    assert row["ci95"] == pytest.approx(round(ci, 2), abs=0.011)
+    assert row["holds"] == row["significant"] == (abs(mean) > ci)
     assert set(results["selections"]["mtl+ht"]) == {"0", "1", "2"}
     # the baselines do not depend on the meta-training seed: identical on every seed
     ft = next(r for r in results["results"] if r["method"] == "ft")
-    assert len(set(ft["per_seed"])) == 1 and ft["ci95"] == 0.0
+    assert len(set(ft["per_seed"])) == 1 and ft["ci95"] == max(ft["per_seed_ci95"]) > 0
     text = (out / "results.md").read_text()
     assert "mean over 3 seeds" in text and "| seed 0 | seed 1 | seed 2 |" in text
     whole = bench.main(tiny_bench_args(tmp_path / "seeds") + [
@@ -256,3 +261,16 @@ def test_compare_runs_over_seeds(tmp_path, capsys):
     assert "holds" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         load("compare_runs").main([",".join(map(str, a)), str(b[0])])
+
+
+def test_flop_count_of_a_depthwise_backward_is_twice_its_forward():
+    """torch's formula counts a grouped convolution's backward as dense (66x here); the
+    benchmarks' own counts input and weight gradients at one forward each."""
+    timing = load("timing")
+    x = torch.randn(4, 32, 16, 16, requires_grad=True)
+    for groups in (1, 32):
+        conv = torch.nn.Conv2d(32, 32, 3, padding=1, groups=groups)
+        forward = timing.count_flops(lambda conv=conv: conv(x))
+        assert forward == 2 * 4 * 32 * (32 // groups) * 9 * 16 * 16
+        both = timing.count_flops(lambda conv=conv: conv(x).sum().backward())
+        assert both == 3 * forward

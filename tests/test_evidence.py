@@ -175,4 +175,11 @@ def test_statistics_over_seeds_by_hand():
     assert (row["mean"], row["sd"], row["ci95"], row["holds"]) == (0.6, 0.2, 0.5, True)
     assert across_seeds([0.4, 0.8])["holds"] is False  # two seeds never make a claim
     assert across_seeds([1.5])["ci95"] is None
+    # the same value from every seed (mtl = ft each time, or two baselines on one network):
+    # no spread to speak of, so each seed's own episode CI decides
+    same = across_seeds([-0.01] * 3, [0.05, 0.05, 0.05])
+    assert same["seed_independent"] and same["ci95"] == 0.05 and same["holds"] is False
+    fixed = across_seeds([0.52] * 3, [0.28, 0.3, 0.28])
+    assert fixed["ci95"] == 0.3 and fixed["holds"] is True
+    assert across_seeds([0.5] * 3)["holds"] is False  # no episode CI given: nothing to go on
     assert DataConfig().selection_holdout == 0.0

@@ -36,3 +36,29 @@ def test_report_renders_val_accuracy_with_its_ci(tmp_path, monkeypatch):
         low, high = ax.get_ylim()
         assert high - low >= 5.0  # a 0.2-point drift is not drawn as a steep curve
     plt.close(fig)
+
+
+def test_benchmark_over_seeds_draws_each_seeds_run(tmp_path, monkeypatch):
+    """`accuracy.py --seeds` writes seed-N/<variant>/ runs: one curve per seed, and a phase
+    that ran no epoch (an adopted ImageNet network) says so instead of an empty panel."""
+    for seed in (0, 1):
+        rows = [{"phase": "meta", "step": 0, "val_acc": 50.0}] + [
+            {"phase": "meta", "step": s, "loss": 1.0 / s, "val_acc": 70 + seed + s}
+            for s in (1, 2)]
+        run = tmp_path / f"seed-{seed}" / "mtl+ht"
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert [p.name for p in render(tmp_path)] == ["learning_curves.png"]
+    (fig,) = figures
+    (meta_val,) = [ax for ax in fig.axes if ax.get_title().startswith("meta-training: val")]
+    assert sorted(t.get_text() for t in meta_val.get_legend().get_texts()) == \
+        ["mtl+ht, seed-0", "mtl+ht, seed-1"]
+    curves = sorted(list(c[0].get_ydata()) for c in meta_val.containers
+                    if isinstance(c, ErrorbarContainer))
+    assert curves == [[50.0, 71.0, 72.0], [50.0, 72.0, 73.0]]
+    pre = [ax for ax in fig.axes if ax.get_title().startswith("pre-training")]
+    assert all(t.get_text() == "no epochs of this phase" for ax in pre for t in ax.texts)
+    assert all(ax.texts for ax in pre)
+    plt.close(fig)

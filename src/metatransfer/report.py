@@ -47,6 +47,10 @@ def plot_learning_curves(runs: dict[str, Path], out: Path) -> Path | None:
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for col, phase in enumerate(("pretrain", "meta")):
+        if not any(r["phase"] == phase for rows in records.values() for r in rows):
+            for ax in axes[:, col]:  # e.g. an adopted ImageNet network: nothing to draw
+                ax.text(0.5, 0.5, "no epochs of this phase", ha="center", va="center",
+                        transform=ax.transAxes, color="grey")
         for name, rows in records.items():
             rows = [r for r in rows if r["phase"] == phase]
             if not rows:
@@ -108,14 +112,16 @@ def plot_accuracy(results: dict, out: Path) -> Path | None:
     ax.set_ylim(max(0, min(lows) - 10), min(100, max(r["accuracy"] + r["ci95"] for r in rows) + 3))
     ax.set_ylabel("accuracy (%), 95% CI")
     ax.set_title(f"{results.get('dataset', '')} ({results.get('split', '')} split)")
-    notes = selection_notes(results)
-    if notes:  # which epoch selection kept, in words (mtl = ft said outright)
-        fig.text(0.01, 0.005, "\n".join(notes), fontsize=7, va="bottom")
-        fig.subplots_adjust(bottom=0.08 + 0.03 * len(notes))
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=min(len(methods), 7), loc="upper center",
+    ax.legend(fontsize=8, ncol=min(len(methods), 5), loc="upper center",
               bbox_to_anchor=(0.5, -0.1), frameon=False)
-    fig.tight_layout()
+    notes = selection_notes(results)
+    # which epoch selection kept, in words (mtl = ft said outright), in a strip of its own
+    # below the axes: tight_layout lays the axes out above it
+    strip = (0.13 * len(notes) + 0.1) / fig.get_figheight() if notes else 0.0
+    if notes:
+        fig.text(0.01, 0.005, "\n".join(notes), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, strip, 1, 1))
     path = out / "accuracy.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -153,7 +159,7 @@ def plot_differences(ax, comparisons: list[dict]) -> None:
     ax.set_ylim(len(comparisons) - 0.5, -0.5)  # first comparison on top
     seeds = max((len(c.get("per_seed") or []) for c in comparisons), default=0)
     ax.set_xlabel("paired difference (points), 95% CI; filled: CI excludes 0" if not seeds else
-                  f"paired difference (points): mean over {seeds} seeds (grey: each seed), "
+                  f"paired difference (points): mean over {seeds} seeds (grey: each seed),\n"
                   "t-based 95% CI over seeds; filled: the claim holds")
     ax.grid(axis="x", alpha=0.3)
 
@@ -167,6 +173,10 @@ def render(folder: str | Path) -> list[Path]:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     runs = {"run": folder} if (folder / "metrics.jsonl").is_file() else {}
     runs.update({p.name: p for p in sorted(folder.iterdir())
+                 if p.is_dir() and (p / "metrics.jsonl").is_file()})
+    # a benchmark over seeds: seed-N/<variant>/ (each seed's runs, one curve each)
+    runs.update({f"{p.name}, {seed.name}": p for seed in sorted(folder.glob("seed-*"))
+                 if seed.is_dir() for p in sorted(seed.iterdir())
                  if p.is_dir() and (p / "metrics.jsonl").is_file()})
     if not results and not runs:
         raise MTLError(f"{folder} has neither results.json nor metrics.jsonl; nothing to plot")

@@ -123,11 +123,16 @@ def t_quantile_975(df: int) -> float:
 MIN_SEEDS = 3
 
 
-def across_seeds(diffs: list[float]) -> dict:
+def across_seeds(diffs: list[float], episode_ci95: list[float] | None = None) -> dict:
     """Per-seed paired differences (points) summarised over training seeds: ``mean``,
     ``sd`` (ddof 1), ``ci95`` (t with n - 1 degrees of freedom: ``t * sd / sqrt(n)``) and
     ``holds``: at least :data:`MIN_SEEDS` seeds and a CI that excludes 0. The paired CI of
-    one run covers its episodes, not its training; this one covers the training too."""
+    one run covers its episodes, not its training; this one covers the training too.
+
+    When every seed gives the very same value, nothing compared depends on the seed (two
+    baselines on one pre-training under ``--meta-seeds``, or ``mtl`` = ``ft`` because
+    selection kept the start): a zero spread says nothing, so the CI is the widest of the
+    seeds' own episode CIs (``episode_ci95``) and ``seed_independent`` is set."""
     values = [float(d) for d in diffs]
     n = len(values)
     mean = sum(values) / n if n else float("nan")
@@ -136,9 +141,12 @@ def across_seeds(diffs: list[float]) -> dict:
                 "ci95": None, "holds": False}
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     ci = t_quantile_975(n - 1) * sd / math.sqrt(n)
-    return {"seeds": n, "per_seed": [round(v, 2) for v in values], "mean": round(mean, 2),
-            "sd": round(sd, 2), "ci95": round(ci, 2),
-            "holds": bool(n >= MIN_SEEDS and abs(mean) > ci)}
+    out = {"seeds": n, "per_seed": [round(v, 2) for v in values], "mean": round(mean, 2),
+           "sd": round(sd, 2)}
+    if max(values) == min(values):
+        ci = max(episode_ci95) if episode_ci95 else math.inf
+        out["seed_independent"] = True
+    return {**out, "ci95": round(ci, 2), "holds": bool(n >= MIN_SEEDS and abs(mean) > ci)}
 
 
 def result_row(method: str, ways: int, shots: int, queries: int, acc) -> dict:
