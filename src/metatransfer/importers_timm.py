@@ -27,7 +27,7 @@ import torch
 from .checkpoints import ModelInfo, save_model
 from .errors import CheckpointError, ConfigError
 from .importers import ImportReport, ImportResult, read_torch_file
-from .models.timm_backbone import PREFIX, TimmBackbone
+from .models.timm_backbone import PREFIX, TimmBackbone, require_timm
 
 IMAGENET_EXTRA = "imagenet"  # the pip extra that installs the weights packages
 
@@ -142,9 +142,7 @@ def convert_lite(name: str, weights: str | Path | None = None
     spec = LITE[name]
     path = Path(weights) if weights else lite_weights_path(name)
     source = _state_of(read_torch_file(path), path)
-    import timm
-
-    full = timm.create_model(spec.timm_name, pretrained=False)  # with the classifier
+    full = require_timm().create_model(spec.timm_name, pretrained=False)  # with the classifier
     target = full.state_dict()
     if len(source) != len(target):
         raise CheckpointError(f"{path} has {len(source)} tensors, {spec.timm_name} has "
@@ -267,10 +265,9 @@ def load_external(spec: str) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
 def external_info(spec: str) -> ModelInfo:
     """The metadata :func:`load_external` would give, without reading any weights."""
     if spec in LITE:
-        import timm
-
         name = LITE[spec].timm_name
-        return _backbone_info(name, timm_preprocessing(timm.create_model(name)), spec, spec)
+        model = require_timm().create_model(name)
+        return _backbone_info(name, timm_preprocessing(model), spec, spec)
     from .checkpoints import read_info
 
     return read_info(_init_path(spec))

@@ -268,10 +268,6 @@ class Selection:
     trained_epoch: int = 0
     trained_acc: float = -1.0
 
-    def record(self) -> dict:
-        """For checkpoint metadata and results: ``selected_epoch``, ``selection_acc``."""
-        return {"selected_epoch": self.epoch, "selection_acc": round(self.acc, 2)}
-
 
 class TrainingLoop:
     """Epochs of steps with resume, checkpoints, stop requests, NaN guard and validation.
@@ -301,12 +297,17 @@ class TrainingLoop:
         self.schedule = CheckpointSchedule(cfg.checkpoint_every_steps, cfg.checkpoint_minutes)
         self.state = distributed.broadcast_object(
             run.load_state(phase.name) if run.is_main else None)
-        self.epoch, self.start_step, self.best_acc = 0, 0, -1.0
+        self.epoch, self.start_step = 0, 0
         self.selection = Selection()
         self._totals: dict | None = None
         self.modules: dict[str, nn.Module] = {}
         if self.finished:
             log.info("%s already complete in %s", phase.title, run.path)
+
+    @property
+    def best_acc(self) -> float:
+        """Validation accuracy of the kept model (-1 before any validation)."""
+        return self.selection.acc
 
     @property
     def finished(self) -> bool:
@@ -343,8 +344,8 @@ class TrainingLoop:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.start_step = state["epoch"], state["step"]
-        self.best_acc = state["best_acc"]
-        self.selection = Selection(**state.get("selection", {"acc": self.best_acc}))
+        # states written before the kept epoch was recorded hold only its accuracy
+        self.selection = Selection(**state.get("selection", {"acc": state["best_acc"]}))
         set_rng_state(state["rng"])
         # running sums are rank 0's own: on several ranks a resumed epoch's train metrics
         # cover rank 0's share before the interruption (a logging detail only)
@@ -415,7 +416,6 @@ class TrainingLoop:
 
         if phase.validate_start and not self.resuming and phase.epochs > 0:
             val_acc, val_ci = validate()
-            self.best_acc = val_acc
             self.selection.epoch, self.selection.acc = 0, val_acc
             if run.is_main:
                 save_best(self.best_path)
@@ -458,7 +458,6 @@ class TrainingLoop:
             self.epoch += 1
             improved = val_acc > self.best_acc
             if improved:
-                self.best_acc = val_acc
                 self.selection.epoch, self.selection.acc = self.epoch, val_acc
                 if run.is_main:
                     save_best(self.best_path)
