@@ -28,6 +28,8 @@ METADATA_KEY = "metatransfer"
 # a run directory's models: the best pre-trained and the best meta-trained one; a folder
 # holding a single other model calls it MODEL_NAME
 PRETRAIN_NAME = "pretrain_best.safetensors"
+# the best fine-tuned epoch of a pre-training from pretrain.init, whatever selection kept
+PRETRAIN_TRAINED_NAME = "pretrain_best_trained.safetensors"
 META_NAME = "meta_best.safetensors"
 # the best meta-training epoch among the trained ones (when selection may keep the start)
 META_TRAINED_NAME = "meta_best_trained.safetensors"

@@ -51,7 +51,8 @@ class DataConfig:
     train_split: str = "train"  # split name used for training
     val_split: str = "val"  # split name used for validation
     test_split: str = "test"  # split name eval.split=test refers to
-    augment: str = "standard"  # pre-training augmentation: none | standard
+    # pre-training augmentation: none | standard | strokes (drawings: crop + affine, no flip)
+    augment: str = "standard"
     glyph_classes: int = 480  # glyphs: number of characters (classes)
     glyph_images: int = 30  # glyphs: images per character
     glyph_seed: int = 0  # glyphs: generation seed (independent of the run seed)
@@ -73,7 +74,9 @@ class ModelConfig:
     backbone: str = "conv4"
     # extra keyword arguments, e.g. {width: 64}; for timm:<name>, timm.create_model's
     backbone_args: dict = field(default_factory=dict)
-    ss_granularity: Literal["kernel", "channel"] = "kernel"  # SS per 3×3 kernel or per channel
+    # SS per kernel (the paper's), per output channel, or mixed: per kernel on k×k convs and
+    # per channel on 1×1 ones (per kernel on a 1×1 conv is one scale per weight)
+    ss_granularity: Literal["kernel", "channel", "mixed"] = "kernel"
     # which layers get SS: all | last (the last stage) | glob patterns on layer names,
     # comma-separated (e.g. model.blocks.6*,model.conv_head)
     ss_scope: str = "all"
@@ -97,6 +100,13 @@ class PretrainConfig:
     nesterov: bool = True  # Nesterov momentum
     weight_decay: float = 5e-4  # SGD weight decay
     schedule: Literal["step", "cosine"] = "cosine"  # learning-rate schedule
+    # linear warm-up from 0 over these (fractional) epochs before the schedule: fine-tuning a
+    # pre-trained network (pretrain.init) with a fresh head, the head's first large gradients
+    # would otherwise wreck the imported features
+    warmup_epochs: float = 0.0
+    # the backbone's learning rate is lr x this, the new head's is lr: below 1 fine-tunes an
+    # imported network gently (the usual transfer-learning recipe); 1 = one lr for all
+    backbone_lr_scale: float = 1.0
     step_size: int = 30  # schedule=step: epochs between decays
     gamma: float = 0.2  # schedule=step: decay factor
     label_smoothing: float = 0.0  # cross-entropy label smoothing
@@ -458,7 +468,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "data": ["image_size"],
     "pretrain": ["epochs", "lr", "weight_decay", "step_size", "momentum", "label_smoothing",
-                 "grad_clip"],
+                 "grad_clip", "warmup_epochs", "backbone_lr_scale"],
     "meta": ["epochs", "inner_steps", "inner_lr", "ht_tasks", "lr_ss", "lr_head", "step_size",
              "grad_clip", "ss_decay"],
     "eval": ["inner_steps", "inner_lr", "ft_inner_steps", "ft_inner_lr"],

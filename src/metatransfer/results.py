@@ -236,6 +236,19 @@ def selection_sentence(selection: dict | None) -> str:
             f"{acc:.2f}%{where}).")
 
 
+def pretrain_sentence(record: dict | None) -> str:
+    """Which fine-tuning epoch of a pre-training from ``pretrain.init`` was kept, in words
+    (epoch 0: ft, protonet and mtl all start from the import as it came)."""
+    if not record:
+        return ""
+    epoch, acc = record["pretrain_selected_epoch"], record.get("pretrain_selection_acc")
+    if epoch == 0:
+        return (f"Pre-training kept the imported network as it came (epoch 0, selection "
+                f"accuracy {acc:.2f}%): fine-tuning on the base classes did not beat it.")
+    return (f"Pre-training kept fine-tuning epoch {epoch} of {record['pretrain_epochs']} "
+            f"(selection accuracy {acc:.2f}%).")
+
+
 def printout(results: dict, folder: Path, suffix: str = "") -> str:
     """What ``mtl run`` / ``mtl meta-test`` print: the accuracy table, the paired
     differences, what selection kept and where the results are."""
@@ -243,6 +256,8 @@ def printout(results: dict, folder: Path, suffix: str = "") -> str:
     if results["comparisons"]:
         text += ("\n\npaired differences (points, 95% CI; * = CI excludes 0):\n"
                  + comparisons_table(results["comparisons"]))
+    if results.get("pretrain_selection"):
+        text += "\n\n" + pretrain_sentence(results["pretrain_selection"])
     if results.get("selection"):
         text += "\n\n" + selection_sentence(results["selection"])
     return text + f"\n\nresults in {Path(folder) / RESULTS_MD}{suffix}"
@@ -283,6 +298,8 @@ def write_results(folder: Path, results: dict) -> None:
             f"{results_table(results)}\n")
     if results.get("comparisons"):
         text += f"\n{comparisons_table(results['comparisons'])}\n"
+    if results.get("pretrain_selection"):
+        text += f"\n{pretrain_sentence(results['pretrain_selection'])}\n"
     if results.get("selection"):
         text += f"\n{selection_sentence(results['selection'])}\n"
     (folder / RESULTS_MD).write_text(text)

@@ -51,21 +51,24 @@ class Normalizer:
 
 
 def augmentation(kind: str, image_size: tuple[int, int], channels: int) -> v2.Transform | None:
-    """Pre-training augmentation on uint8 batches (``none`` or ``standard``).
+    """Pre-training augmentation on uint8 batches (``none``, ``standard`` or ``strokes``).
 
     ``standard`` is the usual few-shot recipe: random crop with padding, horizontal flip
-    for natural images, and brightness/contrast jitter. Applied per batch: every image of
-    a batch shares the random parameters of v2's batched call, so we apply it to small
-    chunks to keep variety without a per-image Python loop.
+    for natural images, and brightness/contrast jitter. ``strokes`` is for drawings fed to
+    a colour network (Omniglot through an ImageNet import): crop and a small affine only.
+    Applied per batch: every image of a batch shares the random parameters of v2's batched
+    call, so we apply it to small chunks to keep variety without a per-image Python loop.
     """
     if kind == "none":
         return None
-    if kind != "standard":
-        raise ValueError(f"unknown augmentation '{kind}' (none | standard)")
+    if kind not in ("standard", "strokes"):
+        raise ValueError(f"unknown augmentation '{kind}' (none | standard | strokes)")
     h, w = image_size
     pad = max(2, h // 10)
     steps: list[v2.Transform] = [v2.RandomCrop((h, w), padding=pad, padding_mode="reflect")]
-    if channels == 3:
+    if kind == "strokes":  # drawings in any colour mode: a mirror or a hue is another symbol
+        steps.append(v2.RandomAffine(degrees=10, scale=(0.9, 1.1)))
+    elif channels == 3:
         steps.append(v2.RandomHorizontalFlip())
         steps.append(v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4))
     else:

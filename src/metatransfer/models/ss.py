@@ -26,8 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Granularity = Literal["kernel", "channel"]
-GRANULARITIES = ("kernel", "channel")
+# kernel: one Phi_S1 per (out, in) kernel (the paper's); channel: one per output channel;
+# mixed: per kernel on k x k convs, per channel on 1 x 1 - on a pointwise conv one scale per
+# kernel is one per weight (full multiplicative fine-tuning), too much capacity for SS
+Granularity = Literal["kernel", "channel", "mixed"]
+GRANULARITIES = ("kernel", "channel", "mixed")
 
 
 class ScaleShift:
@@ -44,14 +47,18 @@ class ScaleShift:
 
     def ss_scale_shape(self, granularity: Granularity) -> tuple[int, ...]:
         """Phi_S1's shape: per kernel ``(out, in/groups, 1, 1)`` or per channel
-        ``(out, 1, 1, 1)`` for a conv; ``(out, 1)`` for a linear layer (either way)."""
+        ``(out, 1, 1, 1)`` for a conv (``mixed``: per channel where the kernel is 1 x 1);
+        ``(out, 1)`` for a linear layer (any granularity)."""
         if granularity not in GRANULARITIES:
-            raise ValueError(f"SS granularity must be 'kernel' or 'channel', got {granularity}")
+            raise ValueError(f"SS granularity must be one of {', '.join(GRANULARITIES)}, got "
+                             f"{granularity}")
         out_ch, in_ch = self.weight.shape[:2]
         if self.weight.dim() == 2:
             return (out_ch, 1)
         rest = (1,) * (self.weight.dim() - 2)
-        return (out_ch, in_ch if granularity == "kernel" else 1, *rest)
+        pointwise = all(k == 1 for k in self.weight.shape[2:])
+        per_kernel = granularity == "kernel" or (granularity == "mixed" and not pointwise)
+        return (out_ch, in_ch if per_kernel else 1, *rest)
 
     def enable_ss(self, granularity: Granularity = "kernel") -> list[nn.Parameter]:
         """Add Phi_S1 = 1 and Phi_S2 = 0 ``(out,)``; freeze W and b. Returns the new

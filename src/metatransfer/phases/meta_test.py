@@ -147,6 +147,11 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
         results["ft_inner_steps"], results["ft_inner_lr"] = ft.steps, ft.lr
     if "mtl" in models and (kept := selection_record(models["mtl"].info.extra)):
         results["selection"] = kept  # which meta-training epoch mtl is (0: mtl = ft)
+    pre = next((m.info.extra for m in models.values()
+                if "pretrain_selected_epoch" in m.info.extra), None)
+    if pre:  # a fine-tuning from pretrain.init: which epoch it kept (0: the import)
+        results["pretrain_selection"] = {k: pre[k] for k in (
+            "pretrain_selected_epoch", "pretrain_epochs", "pretrain_selection_acc")}
     if "data_fingerprint" in split.meta:  # e.g. the fonts the glyphs were rendered from
         results["data_fingerprint"] = split.meta["data_fingerprint"]
     if run.is_main:

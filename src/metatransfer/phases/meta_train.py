@@ -297,7 +297,9 @@ def meta_train(cfg: RunConfig, run: RunDir, device: torch.device, pretrained: Pa
                        **({"meta_inner_steps": mc.inner_steps, "meta_inner_lr": mc.inner_lr}
                           if (mc.inner_steps, mc.inner_lr) != (cfg.eval.inner_steps,
                                                                cfg.eval.inner_lr) else {}),
-                       **ft_settings(cfg)}
+                       **ft_settings(cfg),
+                       # the pre-training it starts from: which fine-tuning epoch it kept
+                       **{k: v for k, v in info.extra.items() if k.startswith("pretrain_")}}
     meta_info.resize = prep.resize
 
     def train_step(epoch: int, step: int) -> Step:

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
-from ..checkpoints import PRETRAIN_NAME, ModelInfo, build_backbone, save_model
+from ..checkpoints import (
+    PRETRAIN_NAME,
+    PRETRAIN_TRAINED_NAME,
+    ModelInfo,
+    build_backbone,
+    save_model,
+)
 from ..config import RunConfig, phase_seed
 from ..data.training import training_splits
 from ..data.transforms import augment_batch, augmentation, gather_uint8, to_device
@@ -53,11 +59,33 @@ class PretrainSums(EpochSums):
 
 
 def lr_factor(cfg: RunConfig, epoch_progress: float) -> float:
-    """Learning-rate multiplier at a (fractional) epoch: step decay or cosine."""
+    """Learning-rate multiplier at a (fractional) epoch: a linear warm-up over
+    ``pretrain.warmup_epochs``, then step decay or a cosine over the remaining epochs."""
     pc = cfg.pretrain
+    warmup = min(pc.warmup_epochs, pc.epochs)
+    if epoch_progress < warmup:
+        return epoch_progress / warmup
     if pc.schedule == "step":
         return pc.gamma ** int(epoch_progress // max(pc.step_size, 1))
-    return 0.5 * (1.0 + math.cos(math.pi * min(epoch_progress / max(pc.epochs, 1), 1.0)))
+    span = max(pc.epochs - warmup, 1e-9)
+    return 0.5 * (1.0 + math.cos(math.pi * min((epoch_progress - warmup) / span, 1.0)))
+
+
+def parameter_groups(backbone: nn.Module, head: nn.Module, cfg: RunConfig) -> list[dict]:
+    """The optimiser's groups: the backbone at ``lr x backbone_lr_scale``, the head at
+    ``lr``; BatchNorm and bias parameters without weight decay when fine-tuning an imported
+    network (decaying its BN scales toward 0 only erodes what it learnt on ImageNet)."""
+    pc = cfg.pretrain
+    groups = [{"params": list(head.parameters()), "lr": pc.lr}]
+    lr = pc.lr * pc.backbone_lr_scale
+    if not pc.init:
+        if pc.backbone_lr_scale == 1.0:  # one group, as from-scratch training always had
+            return [{"params": [*backbone.parameters(), *head.parameters()], "lr": pc.lr}]
+        return [{"params": list(backbone.parameters()), "lr": lr}, *groups]
+    decay = [p for p in backbone.parameters() if p.ndim > 1]
+    no_decay = [p for p in backbone.parameters() if p.ndim <= 1]
+    return [{"params": decay, "lr": lr}, {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+            *groups]
 
 
 def model_info(cfg: RunConfig, split, backbone: nn.Module, phase: str,
@@ -115,10 +143,15 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
     the state holds every RNG, so a resumed run is bit-identical on CPU.
     """
     pc = cfg.pretrain
+    # from an imported network, the import itself is a selection candidate (epoch 0): the
+    # fine-tuning is kept only where it beats the network as it came, and the best
+    # fine-tuned epoch stays on record beside it
     phase = LoopPhase("pretrain", "pre-training", best=PRETRAIN_NAME, epochs=pc.epochs,
                       grad_clip=pc.grad_clip, sums=PretrainSums,
                       nan_hint="lower pretrain.lr or set pretrain.grad_clip",
-                      val_setting=f"{pc.val_ways}-way {pc.val_shots}-shot")
+                      val_setting=f"{pc.val_ways}-way {pc.val_shots}-shot",
+                      validate_start=bool(pc.init),
+                      best_trained=PRETRAIN_TRAINED_NAME if pc.init else "")
     loop = TrainingLoop(phase, cfg, run, device, show)
     if loop.finished:
         return loop.best_path
@@ -146,7 +179,7 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
                               "kernel); set pretrain.sync_bn=false")
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
     head = nn.Linear(backbone.out_dim, train.num_classes).to(device)
-    optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=pc.lr,
+    optimizer = torch.optim.SGD(parameter_groups(backbone, head, cfg), lr=pc.lr,
                                 momentum=pc.momentum, nesterov=pc.nesterov and pc.momentum > 0,
                                 weight_decay=pc.weight_decay)
     batch_size = min(pc.batch_size, len(train))  # global: all ranks together
@@ -198,10 +231,17 @@ def pretrain(cfg: RunConfig, run: RunDir, device: torch.device, show: bool = Tru
     def summary(totals: PretrainSums) -> dict:
         loss, correct, seen = distributed.sum_floats(totals.loss, totals.correct, totals.seen)
         return {"loss": loss / max(seen, 1), "train_acc": 100 * correct / max(seen, 1),
-                "lr": optimizer.param_groups[0]["lr"]}
+                "lr": optimizer.param_groups[-1]["lr"],  # the head's (or the only) lr
+                "lr_backbone": optimizer.param_groups[0]["lr"]}
 
     def save_best(path: Path) -> None:
         info = model_info(cfg, train, backbone, "pretrain", start[0] if start else None)
+        if start:  # which fine-tuning epoch this is (0: the import as it came)
+            kept = loop.selection
+            epoch, acc = ((kept.epoch, kept.acc) if path == loop.best_path
+                          else (kept.trained_epoch, kept.trained_acc))
+            info.extra.update(pretrain_selected_epoch=epoch, pretrain_epochs=pc.epochs,
+                              pretrain_selection_acc=round(acc, 2))
         save_model(path, info, backbone)
 
     return loop.run(steps_per_epoch, train_step, validate, summary, save_best)
