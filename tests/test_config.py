@@ -86,8 +86,10 @@ def test_config_keys_lists_every_set_key_with_type_default_and_help():
     for key, kind, default, text in rows:
         assert kind and text, f"{key} needs a type and a comment in config.py"
         assert apply_override(cfg, f"{key}={default}") == cfg, key  # valid --set, as shown
-    assert ("model.ss_granularity", "kernel | channel", '"kernel"',
-            "SS per 3×3 kernel or per channel") in rows
+    assert ("model.ss_granularity", "kernel | channel | mixed", '"kernel"',
+            "SS per kernel (the paper's), per output channel, or mixed: per kernel on k×k "
+            "convs and per channel on 1×1 ones (per kernel on a 1×1 conv is one scale per "
+            "weight)") in rows
     assert ("model.ss_scope", "str", '"all"', "which layers get SS: all | last (the last stage) | "
             "glob patterns on layer names, comma-separated (e.g. model.blocks.6*,model.conv_head)"
             ) in rows
