@@ -373,7 +373,11 @@ def test_verify_omniglot_background_only_says_how(tmp_path, capsys):
     assert "readable: train, val (check only those with --splits train,val)" in out
     assert "images_evaluation is absent" in out and "--splits train,val" in out
     assert "eval.split=val" in out
-    main(["data", "verify", "omniglot", "--root", str(root), "--splits", "train,val", *cache])
+    fits = [f"--set={key}" for key in (  # episodes these 2 images per class can hold
+        "meta.ways=2", "pretrain.val_ways=2", "eval.ways=[2]", "eval.shots=[1]",
+        "meta.queries=1", "pretrain.val_queries=1", "eval.queries=1")]
+    main(["data", "verify", "omniglot", "--root", str(root), "--splits", "train,val", *cache,
+          *fits])
     assert "ok: no problems found" in capsys.readouterr().out
     # a wrong root is not told to choose another split
     with pytest.raises(SystemExit):

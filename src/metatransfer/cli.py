@@ -58,7 +58,7 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
             raise ConfigError(f"{args.resume} is not a run directory (no config.yaml)")
         cfg = load_config(file=saved, overrides=args.overrides)
         cfg.out = str(args.resume)
-        return cfg
+        return with_class_split(cfg)
     overrides = list(args.overrides)
     if args.out:
         overrides.append(f"out={args.out}")
@@ -74,7 +74,24 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
                                                                           "meta-train"):
         raise ConfigError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out} "
                           "or choose another --out")
-    return cfg
+    return with_class_split(cfg)
+
+
+def with_class_split(cfg: RunConfig) -> RunConfig:
+    """A flat folder's classes split once, here, into the config the run saves (see
+    :func:`metatransfer.data.folder.frozen_class_split`): its resume and meta-test then
+    read the same classes. Anything else is returned as it is."""
+    if cfg.data.name != "folder" or cfg.data.class_split:
+        return cfg
+    import dataclasses
+
+    from .data.folder import describe_class_split, frozen_class_split
+
+    data = frozen_class_split(cfg.data)
+    if data.class_split:
+        log.info("%s: %s; the run's config.yaml keeps them (data.class_split)", data.root,
+                 describe_class_split(data))
+    return dataclasses.replace(cfg, data=data)
 
 
 def start(cfg: RunConfig):
@@ -356,13 +373,19 @@ def cmd_data_list(args: argparse.Namespace) -> None:
 
 
 def cmd_data_verify(args: argparse.Namespace) -> None:
-    from .config import merge
-    from .data.verify import verify_dataset
+    import dataclasses
 
-    cfg = load_config(overrides=args.overrides)
+    from .config import merge
+    from .data.verify import episode_needs, verify_dataset
+    from .runs import run_data_config
+
+    cfg = load_config(args.preset, args.config, args.overrides)
     data = merge(cfg.data, {"name": args.name, **({"root": args.root} if args.root else {})})
-    report, ok = verify_dataset(data, args.splits.split(",") if args.splits else None,
-                                progress=lambda text: print(text, file=sys.stderr, flush=True))
+    cfg = dataclasses.replace(cfg, data=data)
+    report, ok = verify_dataset(run_data_config(cfg),  # decoded (and cached) as a run would
+                                args.splits.split(",") if args.splits else None,
+                                progress=lambda text: print(text, file=sys.stderr, flush=True),
+                                needs=episode_needs(cfg))
     print(report)
     if not ok:
         sys.exit(1)
@@ -450,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("name", help="dataset name, e.g. miniimagenet")
     v.add_argument("--root", help="dataset root folder")
     v.add_argument("--splits", help="comma-separated splits (default: all the format has)")
+    v.add_argument("--preset", help="check against this preset's episodes (ways, shots, "
+                   "queries), class split and preprocessing (see `mtl presets`)")
+    v.add_argument("--config", help="a YAML config file to check against (after the preset)")
     v.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="data options, e.g. data.image_size=80")
     v.set_defaults(func=cmd_data_verify)

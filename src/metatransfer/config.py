@@ -64,6 +64,18 @@ class DataConfig:
     # checkpoint selection, which then never sees data.val_split: for data whose only
     # other split is the one reported (0 = select on data.val_split)
     selection_holdout: float = 0.0
+    # folder with class folders only (root/<class>/*, no split folders): the shares of its
+    # classes that become training, selection and report classes (data.train_split,
+    # val_split and test_split)
+    split_fractions: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.25])
+    # folder, flat: class counts [training, selection, report] instead ([] = the shares)
+    split_counts: list[int] = field(default_factory=list)
+    # folder, flat: seed of the class split (a property of the data, not of the run's seed)
+    split_seed: int = 0
+    # folder, flat: the class names of each split ({train: [...], val: [...], test: [...]});
+    # empty = drawn as above. A run fills it in and saves it in its config.yaml, so a
+    # resume or a meta-test of the run reads the very same classes
+    class_split: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -536,10 +548,27 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= cfg.data.selection_holdout < 1:
         raise ConfigError(f"'data.selection_holdout' must lie in [0, 1), got "
                           f"{cfg.data.selection_holdout}")
+    _validate_class_split(cfg.data)
     if not 0 <= cfg.data.meta_holdout < 1:
         raise ConfigError(f"'data.meta_holdout' must lie in [0, 1), got {cfg.data.meta_holdout}")
     if not 0 <= cfg.pretrain.gamma <= 1 or not 0 <= cfg.meta.gamma <= 1:
         raise ConfigError("'gamma' (learning-rate decay) must lie in [0, 1]")
+
+
+def _validate_class_split(data: DataConfig) -> None:
+    """``data.split_fractions`` / ``split_counts`` / ``class_split`` that no folder can use."""
+    fractions, counts = data.split_fractions, data.split_counts
+    if len(fractions) != 3 or any(f < 0 for f in fractions) \
+            or abs(sum(fractions) - 1) > 1e-6:
+        raise ConfigError(f"'data.split_fractions' must be 3 shares (training, selection, "
+                          f"report) that are >= 0 and sum to 1, got {fractions}")
+    if counts and (len(counts) != 3 or any(c < 1 for c in counts)):
+        raise ConfigError(f"'data.split_counts' must be 3 class counts (training, selection, "
+                          f"report), each at least 1, or [] to use data.split_fractions; got "
+                          f"{counts}")
+    for name, classes in data.class_split.items():
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise ConfigError(f"'data.class_split.{name}' must be a list of class names")
 
 
 def phase_seed(cfg: RunConfig, phase: str) -> int:

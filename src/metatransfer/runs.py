@@ -109,15 +109,8 @@ def preflight(cfg: RunConfig, phases: tuple[str, ...] = PHASES,
     meta-test), so the decoded splits are the ones the phase then reads from the cache."""
     from .data import load_split
     from .data.training import training_splits
-    from .preprocessing import checkpoint_preprocessing, for_checkpoint
 
-    dc, pc, mc, ec = cfg.data, cfg.pretrain, cfg.meta, cfg.eval
-    if checkpoint is not None:
-        dc = checkpoint_preprocessing(dc, checkpoint, quiet=True)[0]
-    elif cfg.pretrain.init:  # every phase of the run reads images as the network it starts from
-        from .importers_timm import external_info
-
-        dc = for_checkpoint(dc, external_info(cfg.pretrain.init), quiet=True)[0]
+    dc, pc, mc, ec = run_data_config(cfg, checkpoint), cfg.pretrain, cfg.meta, cfg.eval
     if "pretrain" in phases:
         _, selection = training_splits(dc, "pretrain")  # enough classes left to pre-train
         selection.require(pc.val_ways, pc.val_shots + pc.val_queries,
@@ -137,6 +130,21 @@ def preflight(cfg: RunConfig, phases: tuple[str, ...] = PHASES,
         for ways in ec.ways:
             for shots in ec.shots:
                 test.require(ways, shots + ec.queries, f"{ways}-way {shots}-shot test episodes")
+
+
+def run_data_config(cfg: RunConfig, checkpoint: Path | None = None):
+    """``cfg.data`` as the run decodes its images: with the preprocessing of
+    ``checkpoint`` (meta-train from a pre-trained model, meta-test) or of the network the
+    run starts from (``pretrain.init``), else as configured."""
+    from .preprocessing import checkpoint_preprocessing, for_checkpoint
+
+    if checkpoint is not None:
+        return checkpoint_preprocessing(cfg.data, checkpoint, quiet=True)[0]
+    if cfg.pretrain.init:  # every phase of the run reads images as the network it starts from
+        from .importers_timm import external_info
+
+        return for_checkpoint(cfg.data, external_info(cfg.pretrain.init), quiet=True)[0]
+    return cfg.data
 
 
 def git_commit() -> str | None:

@@ -79,23 +79,27 @@ class ImageSplit:
     def class_sizes(self) -> np.ndarray:
         return np.array([len(i) for i in self.indices_by_class])
 
-    def require(self, ways: int, per_class: int, what: str = "episodes") -> None:
-        """Fail clearly when ``ways``-way episodes with ``per_class`` images can't be drawn."""
+    def shortfall(self, ways: int, per_class: int, what: str = "episodes") -> str | None:
+        """Why ``ways``-way episodes with ``per_class`` images per class cannot be drawn
+        from this split (one line naming the fix), or None when they can."""
         if ways > self.num_classes:
             label = what if f"{ways}-way" in what else f"{ways}-way {what}"
-            raise DataError(
-                f"{self.name}: {label} need {ways} classes but the split has "
-                f"{self.num_classes}; lower the ways"
-            )
+            return (f"{self.name}: {label} need {ways} classes but the split has "
+                    f"{self.num_classes}; lower the ways")
         sizes = self.class_sizes
         enough = int((sizes >= per_class).sum())
         if enough < ways:
             small = self.class_names[int(np.argmin(sizes))]
-            raise DataError(
-                f"{self.name}: {what} need {per_class} images per class (shots + queries) in "
-                f"{ways} classes, but only {enough} classes have that many (class '{small}' has "
-                f"{sizes.min()}); lower shots or queries"
-            )
+            return (f"{self.name}: {what} need {per_class} images per class (shots + queries) "
+                    f"in {ways} classes, but only {enough} classes have that many (class "
+                    f"'{small}' has {sizes.min()}); lower shots or queries")
+        return None
+
+    def require(self, ways: int, per_class: int, what: str = "episodes") -> None:
+        """Fail clearly when ``ways``-way episodes with ``per_class`` images can't be drawn."""
+        problem = self.shortfall(ways, per_class, what)
+        if problem:
+            raise DataError(problem)
 
 
 # ------------------------------------------------------------------ class holdout

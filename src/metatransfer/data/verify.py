@@ -3,7 +3,10 @@
 Loading decodes every image (into the same cache a run uses, so verifying is never
 wasted work) with ``skip_corrupt`` on, so *all* unreadable files are counted instead of
 stopping at the first. A problem is anything that stops a run or silently changes what it
-measures: a split that cannot be read, unreadable images, or classes shared by splits.
+measures: a split that cannot be read, unreadable images, classes shared by splits, or a
+split too small for the episodes the config draws from it (:func:`episode_needs`, the
+same checks ``mtl run`` makes before it starts). A flat folder's classes are split first,
+as a run splits them, and each split's line says which classes it gets.
 """
 
 from __future__ import annotations
@@ -12,18 +15,96 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-from ..config import DataConfig
+from ..config import DataConfig, RunConfig, eval_split
 from ..errors import MTLError
 from .base import ImageSplit
 from .registry import load_split
 
 EPISODE_IMAGES = 20  # 5 shots + 15 queries, the largest standard episode per class
+SHOWN_CLASSES = 8  # class names listed per split of a flat folder
+
+#: An episode shape a run draws from a split: ways, images per class (shots + queries)
+#: and what the episodes are for, in words.
+Need = tuple[int, int, str]
 
 
-def _describe(split: str, data: ImageSplit) -> tuple[list[str], list[str]]:
+def episode_needs(cfg: RunConfig) -> dict[str, list[Need]]:
+    """``{split name: episode shapes}`` that ``mtl run`` with ``cfg`` checks before it
+    starts (:func:`metatransfer.runs.preflight`): selection episodes of both training
+    phases, meta-training tasks and every test setting. Splits carved out of the train
+    split (``data.selection_holdout``, ``data.meta_holdout``) are left to the run."""
+    dc, pc, mc, ec = cfg.data, cfg.pretrain, cfg.meta, cfg.eval
+    needs: dict[str, list[Need]] = {}
+
+    def add(split: str, ways: int, per_class: int, what: str) -> None:
+        shapes = needs.setdefault(split, [])
+        if all((w, n) != (ways, per_class) for w, n, _ in shapes):
+            shapes.append((ways, per_class, what))
+
+    if dc.selection_holdout <= 0:
+        add(dc.val_split, pc.val_ways, pc.val_shots + pc.val_queries,
+            "pre-training selection episodes")
+        add(dc.val_split, mc.ways, mc.shots + mc.queries, "meta-training selection episodes")
+        if dc.meta_holdout <= 0:
+            add(dc.train_split, mc.ways, mc.shots + mc.queries, "meta-training episodes")
+    for ways in ec.ways:
+        for shots in ec.shots:
+            add(eval_split(cfg), ways, shots + ec.queries, f"{ways}-way {shots}-shot test episodes")
+    return needs
+
+
+def _flat_split(cfg: DataConfig) -> tuple[DataConfig, list[str]]:
+    """A flat folder's config with its classes split as a run splits them, and a line
+    saying how; other data as it is. Errors surface when the splits are loaded."""
+    if cfg.name != "folder":
+        return cfg, []
+    from .folder import describe_class_split, frozen_class_split
+
+    try:
+        frozen = frozen_class_split(cfg)
+    except MTLError:
+        return cfg, []  # reported per split, when each fails to load
+    if not frozen.class_split:
+        return cfg, []
+    given = "as saved in data.class_split" if cfg.class_split else describe_class_split(frozen)
+    return frozen, [f"  one folder per class: {given}"]
+
+
+def _roles(cfg: DataConfig) -> dict[str, str]:
+    if not cfg.class_split:
+        return {}
+    from .class_split import ROLES, split_names
+
+    return dict(zip(split_names(cfg), ROLES, strict=True))
+
+
+def _too_small(data: ImageSplit, needs: list[Need]) -> list[str]:
+    """One line per episode shape ``data`` cannot hold; too few classes for some ways is
+    said once for them, whatever the shots."""
+    lines, short_ways = [], set()
+    for ways, per_class, what in needs:
+        if ways in short_ways:
+            continue
+        problem = data.shortfall(ways, per_class, what)
+        if problem:
+            lines.append(f"too small: {problem}")
+            if ways > data.num_classes:
+                short_ways.add(ways)
+    return lines
+
+
+def _describe(split: str, data: ImageSplit, role: str = "",
+              note: bool = True) -> tuple[list[str], list[str]]:
     sizes = data.class_sizes
     h, w = data.image_size
-    lines = [f"  {split}: {data.num_classes} classes, {len(data)} images, "
+    names = ""
+    if role:
+        shown = ", ".join(data.class_names[:SHOWN_CLASSES])
+        more = f", … {data.num_classes - SHOWN_CLASSES} more" \
+            if data.num_classes > SHOWN_CLASSES else ""
+        names = f" ({shown}{more})"
+    label = f"{split} ({role} classes)" if role else split
+    lines = [f"  {label}: {data.num_classes} classes{names}, {len(data)} images, "
              f"{sizes.min()}-{sizes.max()} per class, {h}x{w}x{data.channels}"]
     problems = []
     skipped = data.meta.get("skipped", [])
@@ -31,23 +112,28 @@ def _describe(split: str, data: ImageSplit) -> tuple[list[str], list[str]]:
         problems.append(f"{split}: {len(skipped)} unreadable images, first {skipped[0]}; "
                         f"replace them or run with data.skip_corrupt=true")
     small = int((sizes < EPISODE_IMAGES).sum())
-    if small:
+    if small and note:  # without the run's own episode shapes (see _too_small)
         lines.append(f"    note: {small} classes have fewer than {EPISODE_IMAGES} images "
                      f"(5 shots + 15 queries)")
     return lines, problems
 
 
 def verify_dataset(cfg: DataConfig, splits: list[str] | None = None,
-                   progress: Callable[[str], None] | None = None) -> tuple[str, bool]:
+                   progress: Callable[[str], None] | None = None,
+                   needs: dict[str, list[Need]] | None = None) -> tuple[str, bool]:
     """A printable report on ``splits`` (default: the train/val/test splits of ``cfg``).
 
     Returns ``(report, ok)``; ``ok`` is False when any problem was found. ``progress`` is
     told which split is being read (decoding a large split takes a while). An error
     shared by several splits (e.g. a missing root) is reported once, naming them all.
+    ``needs``: the episodes each split must hold (:func:`episode_needs`); each one it
+    cannot is a problem line of its own.
     """
     splits = splits or list(dict.fromkeys([cfg.train_split, cfg.val_split, cfg.test_split]))
+    cfg, header = _flat_split(cfg)
+    roles = _roles(cfg)
     probe = dataclasses.replace(cfg, skip_corrupt=True)
-    lines = [f"{cfg.name} at {cfg.root}"]
+    lines = [f"{cfg.name} at {cfg.root}", *header]
     problems: list[str] = []
     errors: dict[str, list[str]] = {}  # message -> the splits it stopped
     loaded: dict[str, ImageSplit] = {}
@@ -65,9 +151,10 @@ def verify_dataset(cfg: DataConfig, splits: list[str] | None = None,
                 errors.setdefault(str(exc), []).append(split)
                 continue
             loaded[split] = data
-            split_lines, split_problems = _describe(split, data)
+            split_lines, split_problems = _describe(split, data, roles.get(split, ""),
+                                                    note=needs is None)
             lines += split_lines
-            problems += split_problems
+            problems += split_problems + _too_small(data, (needs or {}).get(split, []))
     finally:
         quiet.setLevel(level)
     problems = [f"{', '.join(names)}: {msg}" for msg, names in errors.items()] + problems
