@@ -324,6 +324,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import cmd_export as export
+
+    export(args)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     import json
 
@@ -525,6 +531,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, metavar="N",
                    help=f"refuse requests larger than N MB (default {DEFAULT_MAX_UPLOAD_MB:g})")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "export", help="write the network, or a classifier fitted on your images, as ONNX",
+        description="Write an ONNX model and, beside it, the JSON of its preprocessing "
+                    "(examples/onnx_predict.py applies it). Without --support: the embedding "
+                    "network, SS folded into its weights. With --support: a fixed-class "
+                    "classifier, the class names in the model's metadata.")
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory (meta_best, else pretrain_best) or .safetensors file")
+    p.add_argument("--support", metavar="DIR",
+                   help="one sub-folder of images per class (>= 2 classes): export the "
+                        "network with the head `mtl adapt` fits on them")
+    p.add_argument("--method", choices=EMBED_ONCE_METHODS,
+                   help="the head to fit (default: the checkpoint's, as for `mtl adapt`)")
+    p.add_argument("--out", required=True, metavar="MODEL.onnx",
+                   help="the ONNX file to write (the preprocessing goes to MODEL.json)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="plot learning curves and accuracy of a run")
     p.add_argument("run_dir", help="a run directory or benchmark folder")

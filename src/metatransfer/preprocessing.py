@@ -70,6 +70,12 @@ def _split_policy(policy: str) -> tuple[int, str]:
     return size, interpolation
 
 
+def resize_steps(policy: str) -> tuple[int, str]:
+    """``(N, interpolation)`` of a policy, its default interpolation filled in: N = 0 for
+    ``direct`` (the whole image to the input size), else ``crop:N``'s shorter side."""
+    return _split_policy(policy)
+
+
 def parse_resize(policy: str) -> int:
     """The ``N`` of ``crop:N[:interp]``, 0 for ``direct[:interp]``; else a ConfigError."""
     return _split_policy(policy)[0]
