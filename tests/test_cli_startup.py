@@ -26,7 +26,8 @@ print(sorted(m for m in {heavy!r} if m in sys.modules))
     [],
     [["--help"], ["--version"], ["presets"]],
     [[cmd, "--help"] for cmd in ("run", "pretrain", "meta-train", "meta-test", "adapt",
-                                 "serve", "report", "import")] + [["data", "verify", "--help"]],
+                                 "serve", "report", "import", "export")]
+    + [["data", "verify", "--help"]],
 ])
 def test_cli_does_not_import_torch(argvs):
     code = CHECK.format(argvs=argvs, heavy=HEAVY)
