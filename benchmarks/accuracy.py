@@ -4,6 +4,14 @@ Pre-training, then one meta-training per MTL variant (built-in: SS on all layers
 last stage only; hard tasks off / resample / reuse; or any ``--variant NAME:key=val,...``),
 then every method evaluated on the same seeded episodes and compared pairwise: the paired
 95% CI of the per-episode difference is what can show that one method beats another.
+
+Over training seeds (``--seeds`` / ``--meta-seeds``) each seed draws episodes of its own
+(``eval.seed`` derived from the seed: :func:`metatransfer.config.derived_eval_seed`, an
+explicit ``eval.seed`` taking the place of its base 1234), all methods of a seed sharing
+them; each comparison gets one interval over seeds and episodes
+(:func:`metatransfer.results.over_seeds`) and ``holds`` is decided on it. A comparison
+whose networks do not change with the seed (baselines on one shared pre-training) is
+``one network``, never "across seeds".
 A variant that overrides pre-training keys (``pretrain.*``, ``data.*``, ``model.backbone*``,
 ``seed``) gets its own pre-training; variants that do not share the base one. Data
 overrides must leave the evaluated split's images as they are (e.g. ``data.augment``,
@@ -35,20 +43,30 @@ import torch
 import yaml
 
 from metatransfer.checkpoints import META_TRAINED_NAME
-from metatransfer.config import apply_override, load_config, phase_seed, to_dict
+from metatransfer.config import (
+    EVAL_SEED_BASE,
+    apply_override,
+    derived_eval_seed,
+    eval_seed,
+    load_config,
+    phase_seed,
+    to_dict,
+)
 from metatransfer.devices import autocast_enabled, precision, resolve_device, subnormals_flushed
 from metatransfer.phases.meta_test import meta_test
 from metatransfer.phases.meta_train import meta_train
 from metatransfer.phases.pretrain import pretrain
 from metatransfer.report import render, selection_notes
 from metatransfer.results import (
-    MIN_SEEDS,
     RESULTS_JSON,
     RESULTS_MD,
-    across_seeds,
+    common_prefix_difference,
     comparison_rows,
     comparisons_table,
+    over_seeds,
     results_table,
+    seeds_comparisons_table,
+    setting_key,
     write_episodes,
 )
 from metatransfer.runs import RunDir, seed_everything
@@ -62,7 +80,7 @@ VARIANTS = {
 }
 BASELINES = ["protonet", "ft"]
 PRETRAIN_KEYS = ("pretrain.", "data.", "model.backbone", "seed")  # override prefixes
-EPISODE_KEYS = ("episodes", "ways", "shots", "queries", "seed", "split")  # eval.* that pick them
+EPISODE_KEYS = ("episodes", "ways", "shots", "queries", "split")  # eval.* that shape them
 
 
 def with_overrides(cfg, items: dict):
@@ -117,9 +135,11 @@ def pretrain_key(cfg) -> str:
                            "pretrain": to_dict(cfg.pretrain)}, sort_keys=True)
 
 
-def episode_source(cfg, res: dict) -> tuple:
-    """What decides the evaluated episodes; equal for every method or the pairs are void."""
-    return (res["dataset"], res["split"], *(getattr(cfg.eval, k) for k in EPISODE_KEYS))
+def episode_source(cfg, res: dict) -> tuple[tuple, int]:
+    """What decides the evaluated episodes: their shape (dataset, split, sizes) and their
+    seed; both equal for every method of a seed, or its pairs are void."""
+    shape = (res["dataset"], res["split"], *(getattr(cfg.eval, k) for k in EPISODE_KEYS))
+    return shape, res["eval_seed"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -140,7 +160,11 @@ def parse_seeds(text: str) -> list[int]:
 
 class Benchmark:
     """One seed's benchmark: pre-trainings (shared across seeds when equal), one
-    meta-training per variant, every method on the same episodes."""
+    meta-training per variant, every method on the same episodes (this seed's own).
+
+    ``networks`` names the network each method ran on (a pre-training's label, or the
+    seed's own meta-training), so that comparisons whose networks are the same for every
+    seed are told apart as ``one network``."""
 
     def __init__(self, args, cfg, out: Path, device, pretrainings: dict, timings: dict,
                  label: str) -> None:
@@ -150,6 +174,7 @@ class Benchmark:
         self.per_episode: dict = {}
         self.sources: dict[str, tuple] = {}
         self.selections: dict[str, dict] = {}
+        self.networks: dict[str, str] = {}
         self.used: list[dict] = []  # the pre-trainings this seed used
 
     def timed(self, name, fn):
@@ -192,10 +217,15 @@ class Benchmark:
             self.per_episode[f"{rename(method)}/{setting}"] = acc
 
     def test_baselines(self, pre: dict, suffix: str, baselines: list[str]) -> None:
-        test_cfg = with_overrides(pre["cfg"], {"eval.methods": f"[{','.join(baselines)}]"})
+        """The baselines on a pre-training (perhaps another seed's, shared), scored on this
+        seed's episodes."""
+        test_cfg = with_overrides(pre["cfg"], {"eval.methods": f"[{','.join(baselines)}]",
+                                               "eval.seed": self.cfg.eval.seed})
         res = self.timed(f"test baselines{suffix}", lambda: meta_test(
             test_cfg, pre["run"], self.device, None, pre["path"]))
         self.collect(test_cfg, res, lambda m: m + suffix)
+        for m in baselines:
+            self.networks[m + suffix] = pre["seed_label"] + pre["tag"]
 
     def test_mtl(self, name: str, variant, meta: Path, folder: Path) -> dict:
         test_cfg = with_overrides(dataclasses.replace(variant, out=str(folder)),
@@ -220,12 +250,18 @@ class Benchmark:
             meta = self.timed(f"meta-train {name}", lambda v=variant, r=run, p=pre["path"]:
                               meta_train(v, r, self.device, p))
             res = self.test_mtl(name, variant, meta, Path(variant.out))
-            if res.get("selection"):
-                self.selections[name] = res["selection"]
+            kept = res.get("selection")
+            if kept:
+                self.selections[name] = kept
+            # selection kept the start: SS is the identity, mtl runs on the pre-trained network
+            start = kept is not None and kept.get("selected_epoch") == 0
+            self.networks[name] = (pre["seed_label"] + pre["tag"] if start
+                                   else f"{self.label}{name}")
             trained = meta.parent / META_TRAINED_NAME
             if variant.meta.select_start and trained.is_file():
                 # the best trained epoch: what meta-training does, whatever selection kept
                 self.test_mtl(f"{name}-forced", variant, trained, self.out / f"{name}-forced")
+                self.networks[f"{name}-forced"] = f"{self.label}{name}-forced"
         if self.args.baselines_everywhere and baselines:
             for pre in self.used:
                 if pre["owner"] is not None:
@@ -235,39 +271,48 @@ class Benchmark:
         return {v: f"ft@{p['owner']}" for p in self.used if p["owner"] for v in p["variants"]}
 
 
-def combine_rows(per_seed: dict[int, list[dict]]) -> list[dict]:
-    """Accuracy rows over seeds: the mean accuracy, its t-based 95% CI over seeds (``ci95``)
-    and each seed's accuracy and episode CI."""
-    seeds = list(per_seed)
-    keyed = [{(r["method"], r["ways"], r["shots"]): r for r in per_seed[s]} for s in seeds]
+def seed_independent(benches: list[Benchmark], method: str) -> bool:
+    """Whether ``method`` ran on the same network for every seed (a pre-training they
+    share): then the seeds repeat that network's evaluation, they do not retrain it."""
+    return len({b.networks.get(method, f"{b.label}{method}") for b in benches}) == 1
+
+
+def combine_rows(benches: list[Benchmark]) -> list[dict]:
+    """Accuracy rows over seeds: the mean accuracy and its 95% CI over seeds and episodes
+    (:func:`metatransfer.results.over_seeds`), each seed's accuracy and episode CI."""
     rows = []
-    for key, first in keyed[0].items():
-        if not all(key in k for k in keyed):
+    for row in benches[0].rows:
+        key = setting_key(row["method"], row["ways"], row["shots"])
+        if not all(key in b.per_episode for b in benches):
             continue
-        accs = [k[key]["accuracy"] for k in keyed]
-        stats = across_seeds(accs, [k[key]["ci95"] for k in keyed])
-        rows.append({**first, "accuracy": stats["mean"], "ci95": stats["ci95"] or 0.0,
-                     "seeds": len(seeds), "per_seed": accs,
-                     "per_seed_ci95": [k[key]["ci95"] for k in keyed]})
+        stats = over_seeds([b.per_episode[key] for b in benches],
+                           seed_independent(benches, row["method"]))
+        rows.append({**row, "accuracy": stats["mean"], "ci95": stats["ci95"] or 0.0,
+                     **{k: stats[k] for k in ("scope", "ci_method", "seeds", "per_seed",
+                                              "per_seed_ci95")}})
     return rows
 
 
-def combine_comparisons(per_seed: dict[int, list[dict]]) -> list[dict]:
-    """Each paired comparison over seeds: the per-seed paired differences (each with its
-    episode CI), their mean and t-based 95% CI over seeds; ``significant`` = ``holds``
-    (at least 3 seeds and a CI over seeds that excludes 0)."""
-    seeds = list(per_seed)
-    keyed = [{(c["a"], c["b"], c["ways"], c["shots"]): c for c in per_seed[s]} for s in seeds]
+def combine_comparisons(benches: list[Benchmark], per_seed: list[list[dict]]) -> list[dict]:
+    """Each paired comparison over seeds: the per-seed paired differences of episodes,
+    summarised by :func:`metatransfer.results.over_seeds` (one interval over seeds and
+    episodes, ``holds``; ``one network`` where neither side changes with the seed), each
+    seed's own difference, episode CI and eval seed beside it."""
+    keyed = [{(c["a"], c["b"], c["ways"], c["shots"]): c for c in rows} for rows in per_seed]
     out = []
     for key, first in keyed[0].items():
         if not all(key in k for k in keyed):
             continue
-        stats = across_seeds([k[key]["diff"] for k in keyed], [k[key]["ci95"] for k in keyed])
-        out.append({**stats, "a": first["a"], "b": first["b"], "ways": first["ways"],
-                    "shots": first["shots"], "episodes": first["episodes"],
-                    "diff": stats["mean"], "ci95": stats["ci95"] or 0.0,
-                    "significant": stats["holds"],
-                    "per_seed_ci95": [k[key]["ci95"] for k in keyed],
+        a, b, ways, shots = key
+        diffs = [common_prefix_difference(bench.per_episode[setting_key(a, ways, shots)],
+                                          bench.per_episode[setting_key(b, ways, shots)])
+                 for bench in benches]
+        fixed = seed_independent(benches, a) and seed_independent(benches, b)
+        stats = over_seeds(diffs, fixed)
+        out.append({"a": a, "b": b, "ways": ways, "shots": shots,
+                    "episodes": first["episodes"], **stats, "diff": stats["mean"],
+                    "ci95": stats["ci95"] or 0.0,
+                    "eval_seeds": [bench.cfg.eval.seed for bench in benches],
                     "per_seed_significant": [k[key]["significant"] for k in keyed]})
     return out
 
@@ -288,6 +333,43 @@ def per_seed_table(seeds: list[int], per_seed: dict[int, list[dict]]) -> str:
                           f"{c['diff']:+.2f} ± {c['ci95']:.2f}{' *' if c['significant'] else ''}")
         lines.append(f"| {a} − {b} | {w}-way {sh}-shot | " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def seed_configs(cfg, axis: str | None, seeds: list[int]) -> dict[int, object]:
+    """Each seed's config, with the seed of its episodes fixed in ``eval.seed`` so that
+    every method and variant of the seed shares them (paired), even a variant that
+    overrides ``seed``. Over seeds each seed draws its own
+    (:func:`metatransfer.config.derived_eval_seed`, an explicit ``eval.seed`` as the base):
+    an interval over seeds then covers episodes too."""
+    if axis is None:
+        return {seeds[0]: with_overrides(cfg, {"eval.seed": eval_seed(cfg)})}
+    base = EVAL_SEED_BASE if cfg.eval.seed is None else cfg.eval.seed
+    out = {}
+    for seed in seeds:
+        seed_cfg = with_overrides(cfg, {axis: seed})
+        out[seed] = with_overrides(seed_cfg, {"eval.seed": derived_eval_seed(seed_cfg, base)})
+    drawn = [c.eval.seed for c in out.values()]
+    if len(set(drawn)) < len(drawn):
+        raise SystemExit(f"seeds {seeds} would share episodes (eval seeds {drawn}); use "
+                         "training seeds below 1000")
+    return out
+
+
+def check_episodes(benches: dict[int, Benchmark]) -> tuple:
+    """Within each seed every method must have been scored on the very same episodes, or
+    its pairs are void; over seeds only the split and episode sizes must agree (each seed
+    has episodes of its own). Returns the episodes' shape (dataset, split, sizes)."""
+    first = next(iter(benches.values()))
+    shape = first.sources[first.rows[0]["method"]][0]
+    for bench in benches.values():
+        mine = bench.sources[bench.rows[0]["method"]]
+        for method, source in bench.sources.items():
+            if source != mine or source[0] != shape:
+                raise SystemExit(f"{method} was evaluated on other episodes than "
+                                 f"{bench.rows[0]['method']} ({source} vs {mine}); its "
+                                 "overrides must not change the evaluated split or eval.* "
+                                 "episode keys")
+    return shape
 
 
 def measure(argv: list[str] | None = None) -> dict:
@@ -330,8 +412,7 @@ def measure(argv: list[str] | None = None) -> dict:
     timings: dict[str, float] = {}
     pretrainings: dict[str, dict] = {}  # pretrain_key -> its run: equal keys train once
     benches: dict[int, Benchmark] = {}
-    for seed in seeds:
-        seed_cfg = with_overrides(cfg, {axis: seed}) if axis else cfg
+    for seed, seed_cfg in seed_configs(cfg, axis, seeds).items():
         folder = out / f"seed-{seed}" if axis else out
         label = f"seed {seed}: " if axis else ""
         bench = Benchmark(args, seed_cfg, folder, device, pretrainings, timings, label)
@@ -341,26 +422,20 @@ def measure(argv: list[str] | None = None) -> dict:
     first = benches[seeds[0]]
     if not first.rows:
         parser.error("nothing to evaluate: give --variants/--variant or --baselines")
-    # pairs are only meaningful when every method was scored on the very same episodes
-    reference = first.sources[first.rows[0]["method"]]
-    for bench in benches.values():
-        for method, source in bench.sources.items():
-            if source != reference:
-                raise SystemExit(f"{method} was evaluated on other episodes than "
-                                 f"{first.rows[0]['method']} ({source} vs {reference}); its "
-                                 "overrides must not change the evaluated split or eval.* "
-                                 "episode keys")
+    reference = check_episodes(benches)
     methods = list(dict.fromkeys(r["method"] for r in first.rows))
     forced = [f"{v}-forced" for v in variants if f"{v}-forced" in methods]
     pairs = (parse_pairs(args.pairs, methods) if args.pairs
              else default_pairs(list(variants) + forced, methods, first.own_ft()))
     settings = list(dict.fromkeys((r["ways"], r["shots"]) for r in first.rows))
-    per_seed_comparisons = {s: comparison_rows(b.per_episode, pairs, settings)
+    per_seed_comparisons = {s: [{**c, "eval_seed": b.cfg.eval.seed}
+                                for c in comparison_rows(b.per_episode, pairs, settings)]
                             for s, b in benches.items()}
     several = axis is not None and len(seeds) > 1  # one seed is a plain benchmark
     if several:
-        rows = combine_rows({s: b.rows for s, b in benches.items()})
-        comparisons = combine_comparisons(per_seed_comparisons)
+        rows = combine_rows(list(benches.values()))
+        comparisons = combine_comparisons(list(benches.values()),
+                                          list(per_seed_comparisons.values()))
         per_episode = {f"seed{s}:{k}": v for s, b in benches.items()
                        for k, v in b.per_episode.items()}
         selections = {v: {str(s): b.selections[v] for s, b in benches.items()
@@ -371,7 +446,9 @@ def measure(argv: list[str] | None = None) -> dict:
         selections = first.selections
     results = {
         "preset": args.preset, "dataset": cfg.data.name, "split": reference[1],
-        "backbone": cfg.model.backbone, "seed": cfg.seed, "eval_seed": cfg.eval.seed,
+        "backbone": cfg.model.backbone, "seed": cfg.seed,
+        "eval_seed": ({str(s): b.cfg.eval.seed for s, b in benches.items()} if several
+                      else first.cfg.eval.seed),
         "overrides": args.overrides, "device": str(device),
         "machine": f"{platform.processor() or platform.machine()}, "
                    f"{torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -395,26 +472,7 @@ def measure(argv: list[str] | None = None) -> dict:
     write_episodes(out, per_episode)
     table = results_table(results)
     command = " ".join(["python", "benchmarks/accuracy.py", *(argv or sys.argv[1:])])
-    scope = (f"mean over {len(seeds)} seeds ({results['seed_axis']}: "
-             f"{', '.join(map(str, seeds))}) ± t-based 95% CI over seeds"
-             if several else f"± 95% CI over {cfg.eval.episodes} episodes")
-    notes = "\n".join(f"- {n}" for n in selection_notes(results))
-    text = (f"# {args.preset}: {cfg.data.name} ({results['split']} split)\n\n"
-            f"`{command}`\n\nMachine: {results['machine']}, {results['precision']}; training "
-            f"time {results['training_seconds']:.0f} s; phase times (s): {json.dumps(timings)}"
-            f"\n\nPre-trainings (variants that use each; baselines use `pretrain`): "
-            f"{json.dumps(results['pretrainings'])}\n\n"
-            f"Accuracy (%), {scope}; every method on the same {cfg.eval.episodes} episodes.\n\n"
-            f"{table}\n\n{comparisons_table(comparisons)}\n\n")
-    if several:
-        text += ("Across seeds, `*` means the 95% CI over seeds excludes 0 with at least "
-                 f"{MIN_SEEDS} seeds (the claim holds); where every seed gives the same value "
-                 "(nothing compared depends on the seed), the widest per-seed episode CI "
-                 "stands in. Per seed (paired CI over episodes):\n\n"
-                 f"{per_seed_table(seeds, per_seed_comparisons)}\n\n")
-    if notes:
-        text += f"What selection kept:\n\n{notes}\n\n"
-    text += "![learning curves](learning_curves.png)\n\n![accuracy](accuracy.png)\n"
+    text = markdown(args.preset, cfg, command, results, per_seed_comparisons)
     (out / RESULTS_MD).write_text(text)
     render(out)
     for row in rows:
@@ -422,8 +480,44 @@ def measure(argv: list[str] | None = None) -> dict:
     for comparison in comparisons:
         print(json.dumps({"preset": args.preset, **comparison}))
     print(table, file=sys.stderr)
-    print(comparisons_table(comparisons), file=sys.stderr)
+    print(seeds_comparisons_table(comparisons) if several else comparisons_table(comparisons),
+          file=sys.stderr)
     return {**results, "per_episode": per_episode}
+
+
+def markdown(preset: str, cfg, command: str, results: dict,
+             per_seed_comparisons: dict[int, list[dict]]) -> str:
+    """``results.md``: the command, machine and times, the accuracy table and the
+    comparisons; over seeds, each comparison's interval, ``ci_method`` and verdict (holds
+    / not shown / one network), then each seed's own paired differences."""
+    seeds = results.get("seeds")
+    episodes = cfg.eval.episodes
+    if seeds:
+        scope = (f"mean over {len(seeds)} seeds ({results['seed_axis']}: "
+                 f"{', '.join(map(str, seeds))}) ± 95% CI over seeds and episodes (method "
+                 f"per row in results.json's `ci_method`); each seed on {episodes} episodes "
+                 f"of its own (eval seeds {json.dumps(results['eval_seed'])}), shared by "
+                 "its methods")
+        compared = seeds_comparisons_table(results["comparisons"])
+    else:
+        scope = (f"± 95% CI over {episodes} episodes; every method on the same episodes "
+                 f"(eval seed {results['eval_seed']})")
+        compared = comparisons_table(results["comparisons"])
+    text = (f"# {preset}: {cfg.data.name} ({results['split']} split)\n\n"
+            f"`{command}`\n\nMachine: {results['machine']}, {results['precision']}; training "
+            f"time {results['training_seconds']:.0f} s; phase times (s): "
+            f"{json.dumps(results['seconds'])}\n\n"
+            f"Pre-trainings (variants that use each; baselines use `pretrain`): "
+            f"{json.dumps(results['pretrainings'])}\n\n"
+            f"Accuracy (%), {scope}.\n\n{results_table(results)}\n\n{compared}\n\n")
+    if seeds:
+        text += ("Per seed (paired difference ± CI over that seed's episodes; `*`: it "
+                 "excludes 0):\n\n"
+                 f"{per_seed_table(seeds, per_seed_comparisons)}\n\n")
+    notes = "\n".join(f"- {n}" for n in selection_notes(results))
+    if notes:
+        text += f"What selection kept:\n\n{notes}\n\n"
+    return text + "![learning curves](learning_curves.png)\n\n![accuracy](accuracy.png)\n"
 
 
 if __name__ == "__main__":

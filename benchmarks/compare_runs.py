@@ -9,8 +9,11 @@ either run's own CI. Prints one JSON line per method and setting, and a markdown
     python benchmarks/compare_runs.py runs/glyphs-fp32 runs/glyphs-bf16 --names fp32,bf16
 
 Several runs per side (comma-separated, one per training seed, paired in order) give each
-seed's paired difference and their mean with a t-based 95% CI over seeds: the interval
-that covers the training as well as the episodes (a claim needs at least 3 seeds).
+seed's paired difference and one 95% CI over seeds and episodes
+(:func:`metatransfer.results.over_seeds`): it covers the training as well as the episodes
+when each seed drew episodes of its own (distinct ``eval_seed``; a claim needs at least 3
+seeds). Runs whose seeds share one eval seed never hold: their interval leaves the
+episodes out.
 
     python benchmarks/compare_runs.py runs/a-s0,runs/a-s1,runs/a-s2 runs/b-s0,runs/b-s1,runs/b-s2
 """
@@ -24,7 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from metatransfer.results import across_seeds, mean_ci95, paired_row, setting_key
+from metatransfer.results import (
+    common_prefix_difference,
+    mean_ci95,
+    over_seeds,
+    paired_row,
+    setting_key,
+    verdict,
+)
 
 # results.json keys that decide which episodes were drawn
 EPISODE_SOURCE = ("dataset", "split", "eval_seed", "data_fingerprint")
@@ -91,30 +101,37 @@ def table(rows: list[dict], names: tuple[str, str]) -> str:
     return "\n".join(lines)
 
 
-def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
-    """Per method and setting: each seed's paired difference and their summary over seeds
-    (:func:`metatransfer.results.across_seeds`)."""
+Run = tuple[dict, dict[str, np.ndarray]]
+
+
+def summarise_seeds(runs: list[tuple[Run, Run]], per_seed: list[list[dict]]) -> list[dict]:
+    """Per method and setting: each seed's paired difference ``b - a`` and the summary of
+    their episodes over seeds (:func:`metatransfer.results.over_seeds`). ``holds`` needs
+    each seed on episodes of its own (distinct eval seeds)."""
+    own = len({a[0].get("eval_seed") for a, _ in runs}) == len(runs)
     keys = [(r["method"], r["ways"], r["shots"]) for r in per_seed[0]]
     out = []
     for key in keys:
-        found = [next((r for r in rows if (r["method"], r["ways"], r["shots"]) == key), None)
-                 for rows in per_seed]
-        if any(r is None for r in found):
+        if not all(any((r["method"], r["ways"], r["shots"]) == key for r in rows)
+                   for rows in per_seed):
             continue
-        out.append({"method": key[0], "ways": key[1], "shots": key[2],
-                    **across_seeds([r["diff"] for r in found], [r["ci95"] for r in found]),
-                    "per_seed_ci95": [r["ci95"] for r in found]})
+        name = setting_key(*key)
+        stats = over_seeds([common_prefix_difference(b[1][name], a[1][name]) for a, b in runs])
+        if not own:
+            stats["holds"] = False
+            stats["ci_method"] += "; the seeds share an eval seed: episodes not covered"
+        out.append({"method": key[0], "ways": key[1], "shots": key[2], **stats})
     return out
 
 
 def seeds_table(rows: list[dict], names: tuple[str, str]) -> str:
-    lines = [f"| method | setting | {names[1]} − {names[0]} per seed | mean ± t-CI over seeds "
-             "| holds |", "|---|---|---|---|---|"]
+    lines = [f"| method | setting | {names[1]} − {names[0]} per seed | mean ± 95% CI "
+             "| ci_method | verdict |", "|---|---|---|---|---|---|"]
     for r in rows:
         ci = "–" if r["ci95"] is None else f"{r['ci95']:.2f}"
         lines.append(f"| {r['method']} | {r['ways']}-way {r['shots']}-shot | "
                      + ", ".join(f"{d:+.2f}" for d in r["per_seed"])
-                     + f" | {r['mean']:+.2f} ± {ci} | {'yes' if r['holds'] else 'no'} |")
+                     + f" | {r['mean']:+.2f} ± {ci} | {r['ci_method']} | {verdict(r)} |")
     return "\n".join(lines)
 
 
@@ -131,14 +148,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     side_b = [Path(x) for x in args.run_b.split(",") if x]
     if len(side_a) != len(side_b):
         p.error(f"{len(side_a)} runs against {len(side_b)}: give one run per seed on each side")
-    per_seed = [compare(load_run(a), load_run(b), names)
-                for a, b in zip(side_a, side_b, strict=True)]
+    runs = [(load_run(a), load_run(b)) for a, b in zip(side_a, side_b, strict=True)]
+    per_seed = [compare(a, b, names) for a, b in runs]
     if len(per_seed) == 1:
         for row in per_seed[0]:
             print(json.dumps(row))
         print(table(per_seed[0], names), file=sys.stderr)
         return per_seed[0]
-    rows = over_seeds(per_seed)
+    rows = summarise_seeds(runs, per_seed)
     for row in rows:
         print(json.dumps(row))
     print(seeds_table(rows, names), file=sys.stderr)

@@ -130,40 +130,53 @@ def test_accuracy_benchmark_and_report(tmp_path, capsys):
 @pytest.mark.slow
 def test_accuracy_benchmark_over_meta_seeds_and_seeds(tmp_path):
     """--meta-seeds: one pre-training, a meta-training per seed; --seeds: the whole
-    pipeline per seed. Comparisons carry the per-seed paired differences and their mean
-    and t-based CI over seeds, which decide `holds`."""
+    pipeline per seed. Each seed draws episodes of its own (its eval seed recorded), its
+    methods share them; comparisons carry the per-seed paired differences and one interval
+    over seeds and episodes, which decides `holds`; baselines on the shared pre-training
+    are one network."""
+    import numpy as np
+
+    from metatransfer.results import ONE_NETWORK, common_prefix_difference, over_seeds
+
     bench = load("accuracy")
     out = tmp_path / "meta-seeds"
     results = bench.main(tiny_bench_args(out) + ["--variants", "mtl+ht", "--meta-seeds", "0,1,2"])
     assert results["seeds"] == [0, 1, 2] and results["seed_axis"].startswith("one pre-training")
+    assert results["eval_seed"] == {"0": 1234, "1": 2234, "2": 3234}
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["seed-0", "seed-1", "seed-2"]
     assert (out / "seed-0" / "pretrain" / "pretrain_best.safetensors").is_file()
     assert not (out / "seed-1" / "pretrain").exists()  # the one pre-training is shared
     assert list(results["pretrainings"]) == ["seed 0: pretrain"]
+    per_seed_rows = [next(c for c in results["per_seed_comparisons"][str(s)]
+                          if (c["a"], c["b"]) == ("mtl+ht", "ft")) for s in (0, 1, 2)]
+    assert [c["eval_seed"] for c in per_seed_rows] == [1234, 2234, 3234]
     row = next(c for c in results["comparisons"] if (c["a"], c["b"]) == ("mtl+ht", "ft"))
-    per_seed = [next(c for c in results["per_seed_comparisons"][str(s)]
-                     if (c["a"], c["b"]) == ("mtl+ht", "ft"))["diff"] for s in (0, 1, 2)]
-    assert row["per_seed"] == per_seed and row["seeds"] == 3
-    mean = sum(per_seed) / 3
-    sd = (sum((d - mean) ** 2 for d in per_seed) / 2) ** 0.5
-    assert row["diff"] == pytest.approx(round(mean, 2))
-    ci = 4.303 * sd / 3 ** 0.5
-    if len(set(per_seed)) == 1:  # nothing compared depends on the seed: episode CIs decide
-        assert row["seed_independent"]
-        ci = max(row["per_seed_ci95"])
-    assert row["ci95"] == pytest.approx(round(ci, 2), abs=0.011)
-    assert row["holds"] == row["significant"] == (abs(mean) > ci)
+    assert row["per_seed"] == [c["diff"] for c in per_seed_rows] and row["seeds"] == 3
+    assert row["eval_seeds"] == [1234, 2234, 3234]
+    episodes = results["per_episode"]
+    diffs = [common_prefix_difference(episodes[f"seed{s}:mtl+ht/5w1s"],
+                                      episodes[f"seed{s}:ft/5w1s"]) for s in (0, 1, 2)]
+    kept_start = all(r["selected_epoch"] == 0 for r in results["selections"]["mtl+ht"].values())
+    expected = over_seeds(diffs, one_network=kept_start)  # mtl = ft on the shared network
+    for key in ("scope", "mean", "ci95", "ci_method", "holds", "per_seed_ci95"):
+        assert row[key] == expected[key], key
+    assert row["diff"] == row["mean"] and row["significant"] == expected["significant"]
     assert set(results["selections"]["mtl+ht"]) == {"0", "1", "2"}
-    # the baselines do not depend on the meta-training seed: identical on every seed
+    # the baselines do not depend on the meta-training seed: one network, scored on each
+    # seed's own episodes (their per-seed accuracies differ by episodes alone)
     ft = next(r for r in results["results"] if r["method"] == "ft")
-    assert len(set(ft["per_seed"])) == 1 and ft["ci95"] == max(ft["per_seed_ci95"]) > 0
+    assert ft["scope"] == ONE_NETWORK and ft["ci_method"].startswith("episode CI over the 60 ")
+    assert not np.array_equal(episodes["seed0:ft/5w1s"], episodes["seed1:ft/5w1s"])
     text = (out / "results.md").read_text()
     assert "mean over 3 seeds" in text and "| seed 0 | seed 1 | seed 2 |" in text
+    assert "| ci_method | verdict |" in text and row["ci_method"] in text
     whole = bench.main(tiny_bench_args(tmp_path / "seeds") + [
         "--variants", "mtl+ht", "--baselines", "ft", "--seeds", "0,1"])
     assert list(whole["pretrainings"]) == ["seed 0: pretrain", "seed 1: pretrain"]
+    assert whole["eval_seed"] == {"0": 1234, "1": 2235}
     ft = next(r for r in whole["results"] if r["method"] == "ft")
-    assert len(ft["per_seed"]) == 2 and not any(c["holds"] for c in whole["comparisons"])
+    assert len(ft["per_seed"]) == 2 and ft["scope"] == "across seeds"
+    assert not any(c["holds"] for c in whole["comparisons"])  # 2 seeds never hold
 
 
 def tiny_bench_args(out) -> list[str]:
@@ -248,17 +261,27 @@ def test_compare_runs_pairs_episodes(tmp_path, capsys):
 
 def test_compare_runs_over_seeds(tmp_path, capsys):
     """Three runs per side, paired by seed: each seed's paired difference, then their mean
-    and t-based CI over the seeds (df 2: t = 4.303)."""
+    and t-based CI over the seeds (df 2: t = 4.303); seeds on one eval seed never hold."""
     a = [fake_run(tmp_path / f"a{s}", [0.6, 0.6, 0.6, 0.6]) for s in range(3)]
     b = [fake_run(tmp_path / f"b{s}", acc) for s, acc in
          enumerate([[0.8, 0.8, 0.8, 0.8], [0.7, 0.7, 0.7, 0.7], [0.9, 0.9, 0.9, 0.9]])]
     rows = load("compare_runs").main([",".join(map(str, a)), ",".join(map(str, b))])
     # per seed +20, +10, +30 points: mean 20, sd 10, CI 4.303 * 10 / sqrt(3) = 24.84
     assert rows[0]["per_seed"] == [20.0, 10.0, 30.0] and rows[0]["mean"] == 20.0
-    assert rows[0]["sd"] == 10.0 and rows[0]["ci95"] == pytest.approx(24.84, abs=0.01)
+    assert rows[0]["ci95"] == pytest.approx(24.84, abs=0.01)
     assert rows[0]["holds"] is False  # paired CIs of 0 per seed, yet the seeds disagree
     assert rows[0]["per_seed_ci95"] == [0.0, 0.0, 0.0]
-    assert "holds" in capsys.readouterr().err
+    assert "not shown" in capsys.readouterr().err
+    # +20, +22, +24 on episodes of their own hold; the same runs on one eval seed do not
+    b = [fake_run(tmp_path / f"c{s}", [0.8 + s / 50] * 4, eval_seed=1234 + 1001 * s)
+         for s in range(3)]
+    a = [fake_run(tmp_path / f"d{s}", [0.6] * 4, eval_seed=1234 + 1001 * s) for s in range(3)]
+    rows = load("compare_runs").main([",".join(map(str, a)), ",".join(map(str, b))])
+    assert rows[0]["mean"] == 22.0 and rows[0]["holds"] is True
+    shared = [fake_run(tmp_path / f"e{s}", [0.6] * 4) for s in range(3)]
+    same_b = [fake_run(tmp_path / f"f{s}", [0.8 + s / 50] * 4) for s in range(3)]
+    rows = load("compare_runs").main([",".join(map(str, shared)), ",".join(map(str, same_b))])
+    assert rows[0]["holds"] is False and "share an eval seed" in rows[0]["ci_method"]
     with pytest.raises(SystemExit):
         load("compare_runs").main([",".join(map(str, a)), str(b[0])])
 

@@ -76,6 +76,16 @@ def test_presets_do_not_hard_code_paths():
         assert root is None or root.startswith("$METATRANSFER_DATA") or Path(root).is_absolute()
 
 
+def test_every_preset_can_evaluate_on_its_test_split():
+    """--set eval.split=test works for every preset, those that report on val included:
+    it names the data's test split (absent offline data is the loader's error to give)."""
+    from metatransfer.config import eval_split
+
+    for name in preset_names():
+        cfg = load_config(preset=name, overrides=["eval.split=test"])
+        assert cfg.eval.split == "test" and eval_split(cfg) == cfg.data.test_split, name
+
+
 def test_config_keys_lists_every_set_key_with_type_default_and_help():
     from metatransfer.config import apply_override, config_keys
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from metatransfer import distributed
 from metatransfer.checkpoints import PRETRAIN_NAME as BEST
-from metatransfer.config import load_config
+from metatransfer.config import eval_seed, load_config
 from metatransfer.data import load_split
 from metatransfer.data.episodes import EpisodeSampler
 from metatransfer.evaluation import evaluate, evaluate_all_ranks
@@ -99,7 +99,7 @@ def mtl_accuracies(cfg, meta_path: Path, pretrained: Path, all_ranks: bool) -> n
     split = load_split(cfg.data, "test")
     model = load_models(CheckpointPaths(meta_path, pretrained), ["mtl"])["mtl"]
     embedder = make_embedder(cfg, model.backbone.eval(), split, CPU, model.info.feature_norm)
-    sampler = EpisodeSampler(split.indices_by_class, 5, 1, cfg.eval.queries, cfg.eval.seed)
+    sampler = EpisodeSampler(split.indices_by_class, 5, 1, cfg.eval.queries, eval_seed(cfg))
     mtl = MTL(model.head, cfg.eval.inner_steps, cfg.eval.inner_lr)
     if all_ranks:
         return evaluate_all_ranks(mtl, embedder, split, sampler, EPISODES)

@@ -1,5 +1,5 @@
 """Evidence that holds: selection apart from the reported classes, per-phase seeds, the kept
-epoch on record, tuned baselines, statistics over seeds."""
+epoch on record, tuned baselines (statistics over seeds: test_intervals.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from conftest import make_toy_split, tiny_overrides
 from metatransfer.cli import main
 from metatransfer.config import DataConfig, load_config, phase_seed
 from metatransfer.data.base import selection_mask, selection_share
-from metatransfer.results import across_seeds, selection_sentence, t_quantile_975
+from metatransfer.results import selection_sentence
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the phases
 
@@ -42,6 +42,7 @@ def test_selection_classes_come_out_of_training_whole_groups():
     assert len(chosen.class_names) == 6 and len(rest) + len(chosen) == len(split)
     # the same classes every time: a property of the data, not of the run
     assert selection_share(split, 0.5)[1].class_names == chosen.class_names
+    assert DataConfig().selection_holdout == 0.0  # off unless a preset sets it
 
 
 def test_reported_classes_are_in_no_training_batch_and_no_selection_episode(tmp_path,
@@ -164,22 +165,3 @@ def test_adapt_runs_each_method_with_the_inner_loop_meta_test_uses(tmp_path):
     assert (mtl.learner.steps, mtl.learner.lr) == (6, 0.3)  # eval's, not meta-training's 4
     assert (ft.learner.steps, ft.learner.lr) == (2, 0.7)
     assert FewShotClassifier.from_checkpoint(out, "ft", "cpu", inner_steps=9).learner.steps == 9
-
-
-def test_statistics_over_seeds_by_hand():
-    assert t_quantile_975(1) == 12.706 and t_quantile_975(2) == 4.303
-    assert t_quantile_975(60) == pytest.approx(2.000, abs=1e-3)  # tables: 2.0003
-    assert t_quantile_975(120) == pytest.approx(1.980, abs=1e-3)  # 1.9799
-    # +0.4, +0.6, +0.8: mean 0.6, sd 0.2, CI 4.303 * 0.2 / sqrt(3) = 0.497 -> holds
-    row = across_seeds([0.4, 0.6, 0.8])
-    assert (row["mean"], row["sd"], row["ci95"], row["holds"]) == (0.6, 0.2, 0.5, True)
-    assert across_seeds([0.4, 0.8])["holds"] is False  # two seeds never make a claim
-    assert across_seeds([1.5])["ci95"] is None
-    # the same value from every seed (mtl = ft each time, or two baselines on one network):
-    # no spread to speak of, so each seed's own episode CI decides
-    same = across_seeds([-0.01] * 3, [0.05, 0.05, 0.05])
-    assert same["seed_independent"] and same["ci95"] == 0.05 and same["holds"] is False
-    fixed = across_seeds([0.52] * 3, [0.28, 0.3, 0.28])
-    assert fixed["ci95"] == 0.3 and fixed["holds"] is True
-    assert across_seeds([0.5] * 3)["holds"] is False  # no episode CI given: nothing to go on
-    assert DataConfig().selection_holdout == 0.0

@@ -193,7 +193,10 @@ class EvalConfig:
     # benchmarks/tune_inner_loop.py
     ft_inner_steps: int | None = None
     ft_inner_lr: float | None = None  # the ft baseline's own lr (null = eval.inner_lr)
-    seed: int = 1234  # episode seed, independent of the training seed
+    # seed of the reported episodes: null = derived from the run's training seeds
+    # (eval_seed(): 1234 + pretrain seed + 1000 * meta seed), so that each training seed is
+    # scored on episodes of its own; an integer fixes the episodes whatever the training seed
+    seed: int | None = None
     # seed of the validation episodes that select checkpoints during training: a stream of
     # its own (see EpisodeSampler's stream), so selection never sees reported episodes
     val_seed: int = 4321
@@ -575,6 +578,27 @@ def phase_seed(cfg: RunConfig, phase: str) -> int:
     """The seed of ``phase`` (``pretrain`` or ``meta``): its own when set, else ``seed``."""
     own = getattr(cfg, phase).seed
     return cfg.seed if own is None else int(own)
+
+
+#: the episode seed of training seed 0 (and every seed's before episodes were per seed)
+EVAL_SEED_BASE = 1234
+
+
+def derived_eval_seed(cfg: RunConfig, base: int = EVAL_SEED_BASE) -> int:
+    """``base + pretrain seed + 1000 * meta seed`` (mod 2**32): one episode stream per pair
+    of training seeds (distinct for seeds below 1000), seed 0 keeping the former 1234.
+
+    Why: a claim over training seeds needs each seed scored on its own episodes, so that
+    the spread of the per-seed means holds the episode sampling as well as the training
+    (SPEC section 7); ``--meta-seeds`` vary the meta seed alone, hence both seeds count."""
+    return (base + phase_seed(cfg, "pretrain") + 1000 * phase_seed(cfg, "meta")) % 2**32
+
+
+def eval_seed(cfg: RunConfig) -> int:
+    """The seed of the reported episodes: ``eval.seed`` when set (fixed episodes, e.g. to
+    pair two runs of other training seeds on the very same episodes), else
+    :func:`derived_eval_seed`. Every method of a run shares these episodes (paired)."""
+    return cfg.eval.seed if cfg.eval.seed is not None else derived_eval_seed(cfg)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from .errors import MTLError
-from .results import selection_sentence
+from .results import ONE_NETWORK, selection_sentence
 
 
 def _pyplot():
@@ -143,24 +143,33 @@ def selection_notes(results: dict) -> list[str]:
 
 
 def plot_differences(ax, comparisons: list[dict]) -> None:
-    """Each paired difference as a point with its 95% CI bar around a 0 line; filled when
-    the CI excludes 0 (a real difference), hollow when it does not. Over several training
-    seeds (a benchmark's ``per_seed``) the bar is the t-based CI over seeds and each seed's
-    own difference is a small grey mark."""
+    """Each paired difference as a point with its 95% CI bar around a 0 line. Of one run:
+    filled when the CI excludes 0. Over training seeds (a benchmark's ``per_seed``) the bar
+    is the experiment's interval over seeds and episodes (its ``ci_method``), filled when
+    the claim holds, each seed's own difference a small grey mark; a ``one network``
+    comparison (neither side changes with the seed) is a square, filled when its episode
+    CI excludes 0, and says so in its label."""
     for y, c in enumerate(comparisons):
         color = "tab:green" if c["diff"] > 0 else "tab:red"
         for value in c.get("per_seed") or []:
             ax.plot(value, y + 0.18, marker="|", color="grey", markersize=7)
-        ax.errorbar(c["diff"], y, xerr=c["ci95"], fmt="o", capsize=3, color=color,
-                    markerfacecolor=color if c["significant"] else "white")
+        one_network = c.get("scope") == ONE_NETWORK
+        filled = c["significant"] if one_network or "holds" not in c else c["holds"]
+        ax.errorbar(c["diff"], y, xerr=c["ci95"] or 0.0, fmt="s" if one_network else "o",
+                    capsize=3, color=color, markerfacecolor=color if filled else "white")
     ax.axvline(0, color="black", linewidth=0.8)
-    labels = [f"{c['a']} − {c['b']}, {c['ways']}-way {c['shots']}-shot" for c in comparisons]
+    labels = [f"{c['a']} − {c['b']}, {c['ways']}-way {c['shots']}-shot"
+              + (" (one network)" if c.get("scope") == ONE_NETWORK else "")
+              for c in comparisons]
     ax.set_yticks(range(len(comparisons)), labels, fontsize=8)
     ax.set_ylim(len(comparisons) - 0.5, -0.5)  # first comparison on top
     seeds = max((len(c.get("per_seed") or []) for c in comparisons), default=0)
+    methods = list(dict.fromkeys(c["ci_method"] for c in comparisons
+                                 if c.get("ci_method") and c.get("scope") != ONE_NETWORK))
     ax.set_xlabel("paired difference (points), 95% CI; filled: CI excludes 0" if not seeds else
                   f"paired difference (points): mean over {seeds} seeds (grey: each seed),\n"
-                  "t-based 95% CI over seeds; filled: the claim holds")
+                  f"95% CI over seeds and episodes ({'; '.join(methods) or 'episode CI'});"
+                  " filled: the claim holds", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
 
 

@@ -5,6 +5,9 @@ What meta-test (and the accuracy benchmark) report, in one place that needs no t
 * :func:`mean_ci95`, :func:`paired_difference`, :func:`paired_row`, :func:`comparison_rows`:
   mean accuracy ± 95% CI over episodes, and the paired difference of two methods scored
   on the same episodes (its CI is several times narrower than either method's own);
+* :func:`over_seeds`, :func:`experiment_interval`: one interval for an experiment over
+  training seeds, each scored on episodes of its own, covering training and episodes at
+  once; ``holds`` is decided on it (SPEC section 7);
 * :func:`result_row`, :func:`training_sizes`: the rows and fields of ``results.json``;
 * :func:`write_results`: ``results.json`` (only what the seed and config decide:
   byte-identical for a seed on CPU), ``timing.json`` (wall-clock figures, :data:`TIMING_KEYS`),
@@ -67,13 +70,20 @@ def setting_key(method: str, ways: int, shots: int) -> str:
     return f"{method}/{ways}w{shots}s"
 
 
+def common_prefix_difference(acc_a: np.ndarray, acc_b: np.ndarray) -> np.ndarray:
+    """``acc_a - acc_b`` per episode on their common prefix: a method scored on fewer
+    episodes (``ft-all``) is compared on the episodes both have."""
+    n = min(len(acc_a), len(acc_b))
+    return np.asarray(acc_a[:n], dtype=np.float64) - np.asarray(acc_b[:n], dtype=np.float64)
+
+
 def paired_row(acc_a: np.ndarray, acc_b: np.ndarray) -> dict:
     """``acc_a - acc_b`` on their common prefix of episodes, as a comparison row's fields:
     ``episodes`` (the prefix length), ``diff`` and ``ci95`` (:func:`paired_difference`,
     rounded to 2 decimals) and ``significant`` (at least 2 episodes and ``|diff| > ci95``).
     """
     n = min(len(acc_a), len(acc_b))
-    diff, ci = paired_difference(acc_a[:n], acc_b[:n])
+    diff, ci = mean_ci95(common_prefix_difference(acc_a, acc_b))
     return {"episodes": n, "diff": round(diff, 2), "ci95": round(ci, 2),
             "significant": bool(n >= 2 and abs(diff) > ci)}
 
@@ -121,32 +131,129 @@ def t_quantile_975(df: int) -> float:
 
 #: seeds a claim "A beats B" needs (SPEC section 7)
 MIN_SEEDS = 3
+#: the scope of a summary over seeds: each seed trained its own networks, or neither
+#: network compared changes with the seed (one pre-training shared by all seeds)
+ACROSS_SEEDS, ONE_NETWORK = "across seeds", "one network"
+#: seeds whose means agree more closely than this chance allows under their own episode
+#: noise were not scored on independent episodes (see :func:`experiment_interval`)
+AGREEMENT_P = 0.01
 
 
-def across_seeds(diffs: list[float], episode_ci95: list[float] | None = None) -> dict:
-    """Per-seed paired differences (points) summarised over training seeds: ``mean``,
-    ``sd`` (ddof 1), ``ci95`` (t with n - 1 degrees of freedom: ``t * sd / sqrt(n)``) and
-    ``holds``: at least :data:`MIN_SEEDS` seeds and a CI that excludes 0. The paired CI of
-    one run covers its episodes, not its training; this one covers the training too.
+def chi2_cdf(x: float, df: int) -> float:
+    """P(chi-square with ``df`` degrees of freedom <= ``x``): the regularised lower
+    incomplete gamma function P(df/2, x/2) by its power series (fast where it is used,
+    in the lower tail)."""
+    if x <= 0:
+        return 0.0
+    a, h = df / 2, x / 2
+    term = total = 1.0 / a
+    n = 0
+    while term > total * 1e-15 and n < 10_000:
+        n += 1
+        term *= h / (a + n)
+        total += term
+    return min(1.0, math.exp(a * math.log(h) - h - math.lgamma(a)) * total)
 
-    When every seed gives the very same value, nothing compared depends on the seed (two
-    baselines on one pre-training under ``--meta-seeds``, or ``mtl`` = ``ft`` because
-    selection kept the start): a zero spread says nothing, so the CI is the widest of the
-    seeds' own episode CIs (``episode_ci95``) and ``seed_independent`` is set."""
-    values = [float(d) for d in diffs]
-    n = len(values)
-    mean = sum(values) / n if n else float("nan")
-    if n < 2:
-        return {"seeds": n, "per_seed": values, "mean": round(mean, 2), "sd": None,
-                "ci95": None, "holds": False}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    ci = t_quantile_975(n - 1) * sd / math.sqrt(n)
-    out = {"seeds": n, "per_seed": [round(v, 2) for v in values], "mean": round(mean, 2),
-           "sd": round(sd, 2)}
-    if max(values) == min(values):
-        ci = max(episode_ci95) if episode_ci95 else math.inf
-        out["seed_independent"] = True
-    return {**out, "ci95": round(ci, 2), "holds": bool(n >= MIN_SEEDS and abs(mean) > ci)}
+
+def seed_means(per_seed: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Each seed's mean over its episodes (points) and that mean's variance over
+    episodes (points squared: ``var / n``, ddof 1), from per-episode values as fractions."""
+    arrays = [np.asarray(v, dtype=np.float64) * 100.0 for v in per_seed]
+    means = np.array([a.mean() for a in arrays])
+    var = np.array([a.var(ddof=1) / len(a) if len(a) > 1 else 0.0 for a in arrays])
+    return means, var
+
+
+def too_close(means: np.ndarray, var: np.ndarray) -> bool:
+    """Whether the seeds' means agree more closely than their own episode noise allows:
+    with independent episode streams ``(S - 1) s^2 / mean(var)`` is chi-square (larger
+    with training noise) with S - 1 degrees of freedom, so a value in its lowest
+    :data:`AGREEMENT_P` says the seeds shared episodes (a fixed ``eval.seed``) or were
+    rounded alike."""
+    noise = float(var.mean())
+    if len(means) < 2 or noise == 0.0:
+        return False
+    stat = (len(means) - 1) * float(means.var(ddof=1)) / noise
+    return chi2_cdf(stat, len(means) - 1) < AGREEMENT_P
+
+
+def experiment_interval(per_seed: list[np.ndarray]) -> tuple[float, float, str]:
+    """Mean over seeds (points), 95% CI half-width and its method, covering training
+    seeds and episodes at once: Student's t over the per-seed means, df = seeds - 1.
+
+    Why this covers both: each seed is scored on episodes of its own (the eval seed is
+    derived from the training seeds), so the per-seed means are independent draws of
+    ``effect + training noise + episode noise``; their spread estimates the sum of both
+    variances, and the t interval is exact for normal means (600 episodes make them so)
+    whatever the share of either. A hierarchical bootstrap (seeds, then episodes) is the
+    other textbook choice, but with 3 seeds it resamples 3 values and undercovers
+    (75-80% where training variance dominates; tests/test_intervals.py simulates it),
+    while this interval's simulated coverage is 95-96% at every share.
+
+    One guard: where the seeds agree more closely than independent episodes allow
+    (:func:`too_close`), they did not draw independent episodes, and the interval is
+    one seed's episode CI (root mean square over the seeds): averaging seeds does not
+    shrink the noise of shared episodes. With independent streams this fires in at most
+    1% of experiments and lifts the coverage by under 1 point.
+
+    Classes: each episode draws its classes from the evaluated split, so the interval
+    covers which of the split's classes an episode meets, and no more: which classes the
+    split holds (Omniglot's 5 reported alphabets, 8 miniImageNet classes) is fixed, and
+    another draw of them would add variance this interval does not estimate.
+    """
+    means, var = seed_means(per_seed)
+    n = len(means)
+    mean = float(means.mean())
+    if too_close(means, var):
+        return mean, Z975 * math.sqrt(float(var.mean())), (
+            "one seed's episode CI: the seeds agree more closely than independent "
+            f"episodes allow (chi-square, p < {AGREEMENT_P})")
+    half = t_quantile_975(n - 1) * float(means.std(ddof=1)) / math.sqrt(n)
+    return mean, half, (f"t over {n} per-seed means (df {n - 1}), each seed on its own "
+                        "episodes")
+
+
+def one_network_interval(per_seed: list[np.ndarray]) -> tuple[float, float, str]:
+    """Mean and 95% CI (points) of a network that does not change with the seed: the
+    episode CI over all the episodes it was scored on, each distinct stream once (seeds
+    that drew the very same episodes add nothing)."""
+    distinct = list({np.asarray(v, dtype=np.float64).tobytes(): np.asarray(v, np.float64)
+                     for v in per_seed}.values())
+    pooled = np.concatenate(distinct)
+    mean, half = mean_ci95(pooled)
+    return mean, half, f"episode CI over the {len(pooled)} episodes of one network"
+
+
+def over_seeds(per_seed: list[np.ndarray], one_network: bool = False) -> dict:
+    """Per-episode values (accuracies or paired differences, as fractions) of each seed,
+    summarised for the whole experiment, in points rounded to 2 decimals: ``scope``,
+    ``seeds``, ``per_seed`` (each seed's mean), ``per_seed_ci95`` (its episode CI),
+    ``mean``, ``ci95`` and ``ci_method``, ``significant`` (the CI excludes 0) and
+    ``holds``: across seeds, at least :data:`MIN_SEEDS` of them and a CI that excludes 0.
+
+    ``one_network`` (or per-seed values that are all the same: one network on the same
+    episodes, or ``mtl`` = ``ft`` because selection kept the start) gives the scope
+    :data:`ONE_NETWORK` and :func:`one_network_interval`: the seeds then repeat one
+    network's evaluation, no training, and such a comparison never holds "across seeds".
+    """
+    arrays = [np.asarray(v, dtype=np.float64) for v in per_seed]
+    same = len(arrays) > 1 and all(np.array_equal(arrays[0], a) for a in arrays[1:])
+    scope = ONE_NETWORK if one_network or same else ACROSS_SEEDS
+    episode = [mean_ci95(a) for a in arrays]
+    out = {"scope": scope, "seeds": len(arrays),
+           "per_seed": [round(m, 2) for m, _ in episode],
+           "per_seed_ci95": [round(c, 2) for _, c in episode]}
+    if scope == ONE_NETWORK:
+        mean, half, method = one_network_interval(arrays)
+    elif len(arrays) < 2:
+        mean, half, method = episode[0][0], math.nan, "one seed: nothing over seeds"
+    else:
+        mean, half, method = experiment_interval(arrays)
+    significant = bool(math.isfinite(half) and abs(mean) > half)
+    return {**out, "mean": round(mean, 2),
+            "ci95": round(half, 2) if math.isfinite(half) else None, "ci_method": method,
+            "significant": significant,
+            "holds": significant and scope == ACROSS_SEEDS and len(arrays) >= MIN_SEEDS}
 
 
 def result_row(method: str, ways: int, shots: int, queries: int, acc) -> dict:
@@ -207,6 +314,36 @@ def comparisons_table(comparisons: list[dict]) -> str:
             values.append(f"{c['diff']:+.2f} ± {c['ci95']:.2f}{star}{fewer}")
         lines.append(f"| {a} − {b} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n\n" + COMPARISONS_LEGEND
+
+
+SEEDS_LEGEND = ("Mean over seeds of the paired difference a − b (points) ± 95% CI covering "
+                "training seeds and episodes (each seed on episodes of its own; method in "
+                "`ci_method`). *holds*: at least {min_seeds} seeds and a CI that excludes 0; "
+                "*one network*: neither side changes with the seed, so the seeds repeat one "
+                "network's evaluation and the CI is its episode CI.")
+
+
+def verdict(row: dict) -> str:
+    """What a summary over seeds (:func:`over_seeds`) shows, in the words the project
+    uses: "holds" or "not shown", and "one network" said outright where it applies."""
+    if row.get("scope") == ONE_NETWORK:
+        return "one network: " + ("CI excludes 0" if row["significant"] else "not shown")
+    return "holds" if row["holds"] else "not shown"
+
+
+def seeds_comparisons_table(comparisons: list[dict]) -> str:
+    """Markdown table of comparisons over seeds: per-seed differences, the experiment's
+    mean ± ``ci95``, its ``ci_method`` and the verdict (:func:`verdict`)."""
+    if not comparisons:
+        return ""
+    lines = ["| difference | setting | per seed | mean ± 95% CI | ci_method | verdict |",
+             "|---|---|---|---|---|---|"]
+    for c in comparisons:
+        ci = "–" if c["ci95"] is None else f"{c['ci95']:.2f}"
+        lines.append(f"| {c['a']} − {c['b']} | {c['ways']}-way {c['shots']}-shot | "
+                     + ", ".join(f"{d:+.2f}" for d in c["per_seed"])
+                     + f" | {c['mean']:+.2f} ± {ci} | {c['ci_method']} | {verdict(c)} |")
+    return "\n".join(lines) + "\n\n" + SEEDS_LEGEND.format(min_seeds=MIN_SEEDS)
 
 
 SELECTION_KEYS = ("selected_epoch", "selection_acc", "meta_epochs", "selection")

@@ -1,7 +1,9 @@
 """Phase 3 — meta-test: seeded novel-class episodes, every method on the same episodes.
 
 For each requested (ways, shots): draw ``eval.episodes`` episodes from the evaluated split
-with the evaluation seed, then score each method on exactly those episodes:
+with the evaluation seed (:func:`metatransfer.config.eval_seed`: ``eval.seed``, or one
+derived from the run's training seeds, so that each training seed is scored on episodes of
+its own), then score each method on exactly those episodes:
 
 * ``mtl``: SS-modulated backbone, inner loop from the meta-learned θ_0;
 * ``ft``: the same inner loop from zero on the plain pre-trained features;
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..config import RunConfig, eval_split
+from ..config import RunConfig, eval_seed, eval_split
 from ..data import load_split
 from ..data.base import ImageSplit
 from ..data.episodes import EpisodeSampler
@@ -101,6 +103,7 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
     methods = {m: create_method(m, ec, models[m].head) for m in ec.methods}
     first = next(iter(networks.values()))  # the meta model's when there is one
     split = first.split
+    seed = eval_seed(cfg)  # the run's own episodes, shared by its methods
     rows = []
     per_episode: dict[str, np.ndarray] = {}
     started = time.perf_counter()
@@ -108,7 +111,7 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
         for shots in ec.shots:
             split.require(ways, shots + ec.queries, f"{ways}-way {shots}-shot test episodes")
             sampler = EpisodeSampler(split.indices_by_class, ways, shots, ec.queries,
-                                     seed=ec.seed, name=split.name)
+                                     seed=seed, name=split.name)
             for name, method in methods.items():
                 net = networks[models[name]]
                 count = min(method.max_episodes or ec.episodes, ec.episodes)
@@ -125,7 +128,7 @@ def meta_test(cfg: RunConfig, run: RunDir, device: torch.device, meta_path: Path
         "split": eval_split(cfg),
         "backbone": models[ec.methods[0]].info.backbone,  # validate() forbids no methods
         "seed": cfg.seed,
-        "eval_seed": ec.seed,
+        "eval_seed": seed,
         "selection_seed": ec.val_seed,  # in-training validation: a stream apart from these
         "inner_steps": ec.inner_steps,
         "inner_lr": ec.inner_lr,
