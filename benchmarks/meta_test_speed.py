@@ -31,7 +31,7 @@ def meta_test(bench: Setup) -> None:
     learner = MetaLearner(backbone, 5, "kernel", "all", False).to(device)
     mtl = MTL((learner.weight0.detach(), learner.bias0.detach()), args.inner_steps, 0.01)
     embedder = Embedder(bench.maybe_compile(learner.backbone), bench.normalizer, device,
-                        amp=bench.amp)
+                        amp=bench.amp, fold_bn=bench.cfg.fold_bn)
     embed_batch = 16 if bench.heavy else 256
     idx = np.arange(min(embed_batch, len(bench.split)))
     embedder.embed(bench.split, idx[:2])

@@ -6,6 +6,7 @@ speed-up: k tasks in one backbone pass and one batched inner loop vs k separate 
 
     python benchmarks/meta_train_speed.py                       # CPU default
     python benchmarks/meta_train_speed.py --quick --backbones conv4@16   # seconds
+    python benchmarks/meta_train_speed.py --backbones conv4@84 --amp off --fold-bn off on
     python benchmarks/meta_train_speed.py --device cuda --backbones resnet12@84 --full
 
 Rows "SS fwd+bwd only", "meta-train" and "meta-batch" of ``benchmarks/RESULTS.md``.
@@ -24,6 +25,7 @@ from timing import PeakMemory, Setup, count_flops, emit, run, timed
 from metatransfer.data.episodes import EpisodeSampler
 from metatransfer.data.transforms import gather_uint8
 from metatransfer.learners import adapt, linear_logits
+from metatransfer.models.fold import folded_bn
 from metatransfer.phases.common import autocast
 from metatransfer.phases.meta_train import MetaLearner, meta_step
 
@@ -93,7 +95,7 @@ def meta_train(bench: Setup) -> None:
         pixels = bench.normalizer(gather_uint8(bench.split, idx, device))
 
         def ref(_: int, learner=learner, pixels=pixels) -> None:
-            with autocast(bench.amp, device):
+            with autocast(bench.amp, device), folded_bn(learner.backbone, bench.cfg.fold_bn):
                 feats = learner.backbone(pixels)
             feats.float().sum().backward()
 

@@ -56,7 +56,8 @@ def table(lines: list[str]) -> str:
         if r["measure"] not in MEASURES:
             continue
         what, setting, *_ = MEASURES[r["measure"]]
-        key = (f"{r['backbone']}@{r['size']}", what, setting(r), r["measure"])
+        unfolded = " (BN unfolded)" if r.get("fold_bn") is False else ""
+        key = (f"{r['backbone']}@{r['size']}{unfolded}", what, setting(r), r["measure"])
         rows.setdefault(key, {}).setdefault(r.get("precision", "fp32"), r)
 
     out = ["| backbone | measure | setting | fp32 | bf16 | bf16 speed-up | fp32 of peak "

@@ -241,10 +241,11 @@ class Setup:
     """One backbone at one image size on one device: config, synthetic data, FLOPs, dense rate."""
 
     def __init__(self, args: argparse.Namespace, name: str, size: int,
-                 device: torch.device, amp: str = "auto") -> None:
+                 device: torch.device, amp: str = "auto", fold_bn: bool = True) -> None:
         self.args, self.name, self.size, self.device = args, name, size, device
         self.cfg = RunConfig()
         self.cfg.amp = amp
+        self.cfg.fold_bn = fold_bn
         self.cfg.model.backbone = name
         self.cfg.model.backbone_args = dict(args.backbone_args)
         if args.quick and not name.startswith("timm:"):  # a timm network keeps its own widths
@@ -258,7 +259,7 @@ class Setup:
         self.normalizer = make_normalizer(self.cfg, self.split, device)
         self.base = {"backbone": name, "size": size, "device": str(device),
                      "precision": self.precision, "channels_last": self.cl,
-                     "compile": args.compile}
+                     "compile": args.compile, "fold_bn": fold_bn}
         probe = self.new_backbone()
         self.out_dim = probe.out_dim
         self.fwd_flops = count_flops(lambda: self._forward(probe, 2)) / 2
@@ -318,6 +319,10 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     p.add_argument("--amp", nargs="+", default=["off", "bf16"], choices=["off", "bf16", "auto"],
                    help="precisions to measure, each backbone in each: off = fp32, bf16 = "
                         "bf16 autocast, auto = what runs use by default (default: %(default)s)")
+    p.add_argument("--fold-bn", nargs="+", default=["on"], choices=["on", "off"],
+                   help="eval-mode BatchNorm folded into the convs (the runs' fold_bn), "
+                        "each backbone with each: 'on off' measures before/after "
+                        "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     p.add_argument("--batch", type=int, default=0,
                    help="pre-training batch (0: 128 on CUDA; 64, or 8 for ResNets, on CPU)")
@@ -368,8 +373,10 @@ def measure_all(measure: Callable[[Setup], object], args: argparse.Namespace,
     for item in args.backbones:
         name, _, size = item.partition("@")
         for amp in args.amp:
-            start = time.perf_counter()
-            bench = Setup(args, name, int(size or 84), device, amp)
-            measure(bench)
-            log.info("%s %s done in %.0f s", item, bench.precision, time.perf_counter() - start)
+            for fold in args.fold_bn:
+                start = time.perf_counter()
+                bench = Setup(args, name, int(size or 84), device, amp, fold == "on")
+                measure(bench)
+                log.info("%s %s (BN folding %s) done in %.0f s", item, bench.precision, fold,
+                         time.perf_counter() - start)
     emit({"measure": "total", "seconds": round(time.perf_counter() - total, 1)})

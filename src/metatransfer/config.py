@@ -219,6 +219,9 @@ class RunConfig:
     amp: Literal["auto", "off", "bf16"] = "auto"
     channels_last: bool = True  # NHWC activations (faster convs on CUDA and oneDNN CPUs)
     compile: bool = False  # torch.compile the backbone
+    # compute each eval-mode BatchNorm inside the conv before it (meta-training with
+    # meta.bn_mode=eval, every embedding pass): the same network up to float rounding
+    fold_bn: bool = True
     threads: int = 0  # CPU threads; 0 = torch's default
     checkpoint_minutes: float = 10.0  # also checkpoint mid-epoch at this interval; 0 = off
     checkpoint_every_steps: int = 0  # also checkpoint every N optimiser steps; 0 = off

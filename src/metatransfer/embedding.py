@@ -3,6 +3,8 @@
 An :class:`Embedder` is a backbone plus what its inputs need (normalisation and memory
 format, bf16 autocast) and what its features get (optional L2 normalisation). Meta-test
 embeds each image once with it; ``ft-all`` fine-tunes a copy of its backbone instead.
+The backbone runs in eval mode, so its BatchNorms are folded into their convs
+(:func:`~metatransfer.models.fold.folded_bn`) unless ``fold_bn`` is off.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .data.base import ImageSplit
 from .data.transforms import Normalizer, gather_uint8
 from .devices import autocast
 from .learners import normalize_features
+from .models.fold import folded_bn
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Embedder:
     device: torch.device
     amp: bool = False
     feature_norm: str = "none"
+    fold_bn: bool = True
 
     def autocast(self):
         """bf16 autocast of the embed-once pass when ``amp`` (CUDA or a bf16-native CPU);
@@ -46,7 +50,7 @@ class Embedder:
         for start in tqdm(chunks, desc="embed", disable=not progress, leave=False):
             images = self.normalizer(gather_uint8(split, indices[start:start + batch_size],
                                                   self.device))
-            with self.autocast():
+            with self.autocast(), folded_bn(self.backbone, self.fold_bn):
                 out.append(self.backbone(images).float())
         self.backbone.train(was_training)
         feats = torch.cat(out) if out else torch.zeros(0, 0, device=self.device)

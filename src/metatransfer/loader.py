@@ -74,7 +74,7 @@ class LoadedModel:
         return int(self.info.in_channels)
 
     def embedder(self, device: torch.device, amp: bool = False, channels_last: bool = False,
-                 compile: bool = False) -> Embedder:
+                 compile: bool = False, fold_bn: bool = True) -> Embedder:
         """Put the backbone (eval mode) and θ_0 on ``device`` and return the embedder that
         runs the backbone under this model's preprocessing."""
         self.backbone = place_backbone(self.backbone, device, channels_last, compile).eval()
@@ -82,7 +82,7 @@ class LoadedModel:
             self.head = (self.head[0].to(device), self.head[1].to(device))
         prep = self.preprocessing
         return Embedder(self.backbone, Normalizer(prep.mean, prep.std, device, channels_last),
-                        device, amp=amp, feature_norm=prep.feature_norm)
+                        device, amp=amp, feature_norm=prep.feature_norm, fold_bn=fold_bn)
 
 
 def _is_meta(path: Path) -> bool:

@@ -14,16 +14,19 @@ Two kinds of module carry SS:
   its forward and its state-dict keys stay). A conv's Phi_S1 is one scalar per kernel,
   ``(C_out, C_in / groups, 1, 1)`` (or per output channel); a ``Linear`` gets one scale
   and one shift per output feature, the SSF form (Lian et al., NeurIPS 2022).
+
+A conv can also carry a folded BatchNorm (:mod:`.fold`): while ``bn_fold`` is set and
+active, the layer computes conv + BN as one conv, its weight and bias mapped by the BN's
+affine map after SS.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Iterator
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # kernel: one Phi_S1 per (out, in) kernel (the paper's); channel: one per output channel;
@@ -31,6 +34,17 @@ from torch import nn
 # kernel is one per weight (full multiplicative fine-tuning), too much capacity for SS
 Granularity = Literal["kernel", "channel", "mixed"]
 GRANULARITIES = ("kernel", "channel", "mixed")
+
+WeightBias = tuple[torch.Tensor, torch.Tensor | None]
+
+
+class WeightBiasMap(Protocol):
+    """What :mod:`.fold` sets as a layer's ``bn_fold``: ``active()`` says whether it
+    applies to this call, ``map(weight, bias)`` gives the weight and bias to use instead."""
+
+    def active(self) -> bool: ...
+
+    def map(self, weight: torch.Tensor, bias: torch.Tensor | None) -> WeightBias: ...
 
 
 class ScaleShift:
@@ -40,10 +54,28 @@ class ScaleShift:
     ss_shift: nn.Parameter | None
     weight: nn.Parameter
     bias: nn.Parameter | None
+    #: a BatchNorm folded into this layer (set by :func:`.fold.folded_bn`, never saved:
+    #: not a module, so not in the state dict)
+    bn_fold: WeightBiasMap | None = None
 
     @property
     def ss_enabled(self) -> bool:
         return self.ss_scale is not None
+
+    def folding(self) -> bool:
+        """Whether this call computes the layer and the BatchNorm after it as one op."""
+        return self.bn_fold is not None and self.bn_fold.active()
+
+    def ss_weight_bias(self) -> WeightBias:
+        """``W * Phi_S1`` and ``b + Phi_S2`` (``W`` and ``b`` themselves without SS)."""
+        if self.ss_scale is None:
+            return self.weight, self.bias
+        bias = self.ss_shift if self.bias is None else self.bias + self.ss_shift
+        return self.weight * self.ss_scale, bias
+
+    def folded_weight_bias(self) -> WeightBias:
+        """The weight and bias of SS then the folded BN (call only while :meth:`folding`)."""
+        return self.bn_fold.map(*self.ss_weight_bias())
 
     def ss_scale_shape(self, granularity: Granularity) -> tuple[int, ...]:
         """Phi_S1's shape: per kernel ``(out, in/groups, 1, 1)`` or per channel
@@ -82,11 +114,13 @@ class SSConv2d(ScaleShift, nn.Conv2d):
         self.ss_shift = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.ss_scale is None:
+        if self.folding():
+            weight, bias = self.folded_weight_bias()
+        elif self.ss_scale is None:
             return super().forward(x)
-        weight = self.weight * self.ss_scale
-        bias = self.ss_shift if self.bias is None else self.bias + self.ss_shift
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            weight, bias = self.ss_weight_bias()
+        return self._conv_forward(x, weight, bias)
 
 
 class _AttachedSS(ScaleShift):
@@ -95,18 +129,26 @@ class _AttachedSS(ScaleShift):
     adding it to the bias)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.folding():  # SS and the BN in the weight and bias (only convs are folded)
+            return self._forward_with(self.folded_weight_bias(), x, *args, **kwargs)
         if self.ss_scale is None:
             return super().forward(x, *args, **kwargs)
         frozen = self._parameters["weight"]
-        # the layer's own forward reads self.weight: hand it the scaled tensor for this call
-        self._parameters["weight"] = frozen * self.ss_scale
-        try:
-            out = super().forward(x, *args, **kwargs)
-        finally:
-            self._parameters["weight"] = frozen
+        out = self._forward_with((frozen * self.ss_scale, self.bias), x, *args, **kwargs)
         if frozen.dim() == 2:  # linear: (..., out)
             return out + self.ss_shift
         return out + self.ss_shift.view(-1, *(1,) * (frozen.dim() - 2))
+
+    def _forward_with(self, weight_bias: WeightBias, x: torch.Tensor, *args,
+                      **kwargs) -> torch.Tensor:
+        """The layer's own forward with another weight and bias for this call (it reads
+        ``self.weight`` and ``self.bias``)."""
+        saved = self._parameters["weight"], self._parameters["bias"]
+        self._parameters["weight"], self._parameters["bias"] = weight_bias
+        try:
+            return super().forward(x, *args, **kwargs)
+        finally:
+            self._parameters["weight"], self._parameters["bias"] = saved
 
 
 _ATTACHED: dict[type, type] = {}

@@ -62,7 +62,7 @@ def make_embedder(cfg: RunConfig, backbone: nn.Module, split: ImageSplit,
     """The validation embedder of a network being trained, normalising with ``split``'s
     statistics (a loaded model makes its own: :meth:`LoadedModel.embedder`)."""
     return Embedder(backbone, make_normalizer(cfg, split, device), device,
-                    amp=use_amp(cfg, device), feature_norm=feature_norm)
+                    amp=use_amp(cfg, device), feature_norm=feature_norm, fold_bn=cfg.fold_bn)
 
 
 def make_normalizer(cfg: RunConfig, split: ImageSplit, device: torch.device) -> Normalizer:

@@ -88,7 +88,8 @@ def test_networks(cfg: RunConfig, device: torch.device,
             raise MTLError(f"the {model.info.backbone} checkpoint expects {model.channels}-"
                            f"channel images but {split.name} has {split.channels}; "
                            "evaluate it on a dataset like the one it was trained on")
-        embedder = model.embedder(device, use_amp(cfg, device), channels_last(cfg), cfg.compile)
+        embedder = model.embedder(device, use_amp(cfg, device), channels_last(cfg), cfg.compile,
+                                  cfg.fold_bn)
         networks[model] = TestNetwork(model, split, embedder, {})
     return networks
 

@@ -37,6 +37,7 @@ from ..embedding import uses_batch_stats
 from ..errors import CheckpointError, MTLError
 from ..learners import adapt, linear_logits, normalize_features
 from ..methods.mtl import MTL
+from ..models.fold import folded_bn
 from ..models.ss import enable_ss
 from ..preprocessing import apply_stats, check_decoding, checkpoint_preprocessing
 from ..runs import RunDir, seed_phase
@@ -142,8 +143,10 @@ def task_losses(
     indices = np.concatenate([batch.support.ravel(), batch.query.ravel()])
     images = normalizer(gather_uint8(split, indices, device))
     chunk = forward_chunk(cfg, device)
-    with autocast(use_amp(cfg, device), device):
-        if batch_statistics(learner, cfg):
+    batch_stats = batch_statistics(learner, cfg)
+    with autocast(use_amp(cfg, device), device), \
+            folded_bn(learner.backbone, cfg.fold_bn and not batch_stats):
+        if batch_stats:
             parts = list(images[: tasks * n_support].split(n_support))
             parts += list(images[tasks * n_support:].split(n_query))
             feats = torch.cat([learner.backbone(part) for part in parts])
