@@ -418,6 +418,13 @@ def measure(argv: list[str] | None = None) -> dict:
         bench = Benchmark(args, seed_cfg, folder, device, pretrainings, timings, label)
         bench.run(variants, baselines)
         benches[seed] = bench
+        if axis:  # each seed on record as it ends: a long run cut short keeps what it did
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "seed_results.json").write_text(json.dumps(
+                {"seed": seed, "eval_seed": seed_cfg.eval.seed, "results": bench.rows,
+                 "selections": bench.selections, "networks": bench.networks,
+                 "seconds": timings}, indent=2, default=str))
+            write_episodes(folder, bench.per_episode)
 
     first = benches[seeds[0]]
     if not first.rows:
