@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from metatransfer.amp_choice import resolve_run_amp
 from metatransfer.checkpoints import META_TRAINED_NAME
 from metatransfer.config import (
     EVAL_SEED_BASE,
@@ -406,6 +407,9 @@ def measure(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     cfg = load_config(args.preset, overrides=args.overrides)
     device = resolve_device(cfg.device)
+    choice = resolve_run_amp(cfg, device)  # amp=auto: the precision measured faster here
+    logging.info("precision %s", choice.reason)
+    cfg = dataclasses.replace(cfg, amp=choice.amp)
     baselines = [m for m in args.baselines.split(",") if m]
     axis, seeds = ("seed", args.seeds) if args.seeds else (
         ("meta.seed", args.meta_seeds) if args.meta_seeds else (None, [cfg.seed]))
@@ -460,6 +464,7 @@ def measure(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.processor() or platform.machine()}, "
                    f"{torch.get_num_threads()} threads, torch {torch.__version__}",
         "precision": precision(autocast_enabled(cfg.amp, device)),
+        "precision_reason": choice.reason,
         "seconds": timings, "training_seconds": round(
             sum(v for k, v in timings.items() if "test" not in k), 1),
         "variants": variants,

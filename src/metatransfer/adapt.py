@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .amp_choice import choose_amp
 from .checkpoints import ModelInfo
 from .config import EvalConfig
 from .data.base import ImageSplit
 from .data.images import IMAGE_EXTENSIONS, CorruptImageError, decode_file, is_image_file
-from .devices import autocast_enabled, resolve_device
+from .devices import resolve_device
 from .embedding import embed_one_call, uses_batch_stats
 from .errors import DataError, MTLError
 from .loader import LoadedModel, available_methods, find_checkpoints, load_models
@@ -179,7 +180,10 @@ class FewShotClassifier:
         self.inner_steps = int(default_steps) if inner_steps is None else int(inner_steps)
         self.inner_lr = float(default_lr) if inner_lr is None else float(inner_lr)
         # channels_last as runs default to, so the embeddings are meta-test's
-        self.embedder = model.embedder(self.device, amp=autocast_enabled(amp, self.device),
+        choice = choose_amp(amp, self.device, info.backbone, info.backbone_args,
+                            info.in_channels, info.image_size)
+        log.info("precision %s", choice.reason)
+        self.embedder = model.embedder(self.device, amp=choice.amp == "bf16",
                                        channels_last=True)
         settings = EvalConfig(inner_steps=self.inner_steps, inner_lr=self.inner_lr)
         self.learner = create_method(method, settings, model.head)

@@ -111,12 +111,17 @@ def start(cfg: RunConfig):
     if world > 1:
         _quiet_other_ranks(rank)
         cfg.out = distributed.broadcast_object(cfg.out)  # rank 0's time-stamped default
+    from .amp_choice import resolve_run_amp
+
+    choice = distributed.broadcast_object(resolve_run_amp(cfg, device))  # one for all ranks
+    cfg.amp = choice.amp
     seed_everything(cfg.seed)
     run = RunDir(cfg.out, is_main=rank == 0)
     _current_run.append(str(run.path))
-    run.write_config(cfg, device, world_size=world)
+    run.write_config(cfg, device, world_size=world, amp_reason=choice.reason)
     log.info("run directory %s, device %s%s", run.path, device,
              f", {world} processes (torchrun)" if world > 1 else "")
+    log.info("precision %s", choice.reason)
     return run, device
 
 

@@ -215,7 +215,8 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: str = ""  # run directory; empty = runs/<dataset>-<backbone>-<time>
     # bf16 autocast of the backbone: auto = where the device has bf16 natively (CUDA; CPUs
-    # with AVX512_BF16 or AMX), bf16 = always, off = fp32 everywhere
+    # with AVX512_BF16 or AMX) and, on a CPU, a probe finds it faster for this network
+    # (metatransfer.amp_choice), bf16 = always, off = fp32 everywhere
     amp: Literal["auto", "off", "bf16"] = "auto"
     channels_last: bool = True  # NHWC activations (faster convs on CUDA and oneDNN CPUs)
     compile: bool = False  # torch.compile the backbone

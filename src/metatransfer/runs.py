@@ -200,7 +200,8 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------- records
-    def write_config(self, cfg: RunConfig, device: torch.device, world_size: int = 1) -> None:
+    def write_config(self, cfg: RunConfig, device: torch.device, world_size: int = 1,
+                     amp_reason: str = "") -> None:
         if not self.is_main:
             return
         save_config(cfg, self.path / CONFIG_NAME)
@@ -219,6 +220,7 @@ class RunDir:
             "torch_threads": torch.get_num_threads(),
             "amp": cfg.amp,
             "precision": precision(autocast_enabled(cfg.amp, device)),
+            "precision_reason": amp_reason or f"amp={cfg.amp}",
             "cpu_bf16_native": native_bf16(torch.device("cpu")),
         }
         (self.path / "environment.json").write_text(json.dumps(env, indent=2))
