@@ -222,8 +222,14 @@ class Benchmark:
         seed's episodes."""
         test_cfg = with_overrides(pre["cfg"], {"eval.methods": f"[{','.join(baselines)}]",
                                                "eval.seed": self.cfg.eval.seed})
+        run = pre["run"]
+        if pre["seed_label"] != self.label:  # another seed's pre-training: this seed's
+            # scores go to this seed's folder, not over that seed's results
+            folder = self.out / f"baselines{suffix.replace('@', '-')}"
+            test_cfg = dataclasses.replace(test_cfg, out=str(folder))
+            run = RunDir(folder)
         res = self.timed(f"test baselines{suffix}", lambda: meta_test(
-            test_cfg, pre["run"], self.device, None, pre["path"]))
+            test_cfg, run, self.device, None, pre["path"]))
         self.collect(test_cfg, res, lambda m: m + suffix)
         for m in baselines:
             self.networks[m + suffix] = pre["seed_label"] + pre["tag"]

@@ -146,6 +146,10 @@ def test_accuracy_benchmark_over_meta_seeds_and_seeds(tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["seed-0", "seed-1", "seed-2"]
     assert (out / "seed-0" / "pretrain" / "pretrain_best.safetensors").is_file()
     assert not (out / "seed-1" / "pretrain").exists()  # the one pre-training is shared
+    # each seed's baseline scores in its own folder, never over seed 0's
+    for seed, folder in ((0, "seed-0/pretrain"), (2, "seed-2/baselines")):
+        record = json.loads((out / folder / "results.json").read_text())
+        assert record["eval_seed"] == 1234 + 1000 * seed
     assert list(results["pretrainings"]) == ["seed 0: pretrain"]
     per_seed_rows = [next(c for c in results["per_seed_comparisons"][str(s)]
                           if (c["a"], c["b"]) == ("mtl+ht", "ft")) for s in (0, 1, 2)]
