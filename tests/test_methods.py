@@ -160,3 +160,37 @@ def test_ft_all_is_not_a_classifier(run_dir):
     with pytest.raises(MTLError, match="embeds once") as err:
         FewShotClassifier.from_checkpoint(run_dir, "ft-all", "cpu")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("norm", ["none", "l2"])
+def test_ft_all_starts_from_ft_and_then_moves_the_backbone(norm):
+    """Zero fine-tuning steps are exactly ft (its head on the frozen support features, the
+    same feature normalisation); with steps the backbone copy changes, the original not."""
+    import numpy as np
+    from conftest import make_toy_split
+
+    from metatransfer.data.episodes import EpisodeSampler
+    from metatransfer.data.transforms import Normalizer
+    from metatransfer.embedding import Embedder
+    from metatransfer.evaluation import evaluate
+    from metatransfer.methods.ft import FineTune
+    from metatransfer.methods.ft_all import FineTuneAll
+    from metatransfer.models import create_backbone
+
+    torch.manual_seed(0)
+    split = make_toy_split("test")
+    backbone = create_backbone("conv4", in_channels=1, width=8).eval()
+    cpu = torch.device("cpu")
+    embedder = Embedder(backbone, Normalizer(split.mean, split.std, cpu), cpu,
+                        feature_norm=norm)
+    sampler = EpisodeSampler(split.indices_by_class, 5, 1, 4, seed=3)
+    episodes = np.arange(6)
+    ft = evaluate(FineTune(30, 0.5), embedder, split, sampler, episodes)
+    start = evaluate(FineTuneAll(0, 0.01, head_steps=30, head_lr=0.5), embedder, split,
+                     sampler, episodes)
+    np.testing.assert_allclose(start, ft, atol=1e-6)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    moved = evaluate(FineTuneAll(3, 0.05, head_steps=30, head_lr=0.5), embedder, split,
+                     sampler, episodes)
+    assert moved.shape == ft.shape and ((0 <= moved) & (moved <= 1)).all()
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())

@@ -202,8 +202,10 @@ class EvalConfig:
     val_seed: int = 4321
     episode_batch: int = 200  # episodes adapted together in one batched inner loop
     ft_all_episodes: int = 100  # ft-all fine-tunes the backbone per episode: first N only
-    ft_all_steps: int = 20  # ft-all: fine-tuning steps per episode
-    ft_all_lr: float = 0.01  # ft-all: learning rate
+    # ft-all: ft's head on the frozen features first (ft's inner loop), then this many
+    # joint steps of backbone and head per episode (0 = exactly ft)
+    ft_all_steps: int = 20
+    ft_all_lr: float = 0.01  # ft-all: the backbone's learning rate (SGD, momentum 0.9)
     split: str = "test"  # which split to evaluate: test | val | train
 
 
