@@ -73,3 +73,14 @@ def tiny_overrides(out: Path) -> list[str]:
         "meta.val_episodes=10", "meta.queries=5", "meta.meta_batch=2", "meta.ht=resample",
         "eval.episodes=20", "eval.inner_steps=5", "eval.queries=5", "eval.shots=[1,5]",
     ]
+
+
+def run_tiny(out: Path, *extra: str) -> Path:
+    """``mtl run`` of :func:`tiny_overrides` (plus ``extra`` overrides) into ``out``."""
+    from metatransfer.cli import main
+
+    args = ["run", "--quiet"]
+    for item in [*tiny_overrides(out), *extra]:
+        args += ["--set", item]
+    main(args)
+    return out

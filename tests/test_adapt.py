@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_method, make_toy_split, tiny_overrides
+from conftest import make_method, make_toy_split, run_tiny
 from PIL import Image
 
 from metatransfer import FewShotClassifier
@@ -32,15 +32,10 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A seconds-long pretrain -> meta-train -> meta-test run on the toy data."""
-    out = tmp_path_factory.mktemp("adapt") / "run"
-    args = ["run", "--quiet"]
     # fp32: tools are compared to 1e-6 here; in bf16 an input differing in the 8th digit
     # (e.g. statistics read back from the checkpoint) can round one ulp apart and flip a
     # near-tie of this random toy network (bf16 is checked in test_precision.py)
-    for item in [*tiny_overrides(out), "amp=off"]:
-        args += ["--set", item]
-    main(args)
-    return out
+    return run_tiny(tmp_path_factory.mktemp("adapt") / "run", "amp=off")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, tiny_overrides
+from conftest import SHARED_DATA, run_tiny
 from malformed import malformed_files
 
 from metatransfer.cli import main
@@ -80,12 +80,7 @@ def test_folding_ss_attached_to_a_timm_network_is_exact_to_rounding():
 @pytest.fixture(scope="module")
 def conv4_run(tmp_path_factory) -> Path:
     """A seconds-long toy run (Conv-4, pre-train -> meta-train -> meta-test), fp32."""
-    out = tmp_path_factory.mktemp("export") / "run"
-    args = ["run", "--quiet"]
-    for item in [*tiny_overrides(out), "amp=off"]:
-        args += ["--set", item]
-    main(args)
-    return out
+    return run_tiny(tmp_path_factory.mktemp("export") / "run", "amp=off")
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,8 @@ def start(cfg: RunConfig):
         cfg.out = distributed.broadcast_object(cfg.out)  # rank 0's time-stamped default
     from .amp_choice import resolve_run_amp
 
-    choice = distributed.broadcast_object(resolve_run_amp(cfg, device))  # one for all ranks
+    # rank 0 probes (when amp=auto needs it) and every rank takes its answer
+    choice = distributed.broadcast_object(resolve_run_amp(cfg, device) if rank == 0 else None)
     cfg.amp = choice.amp
     seed_everything(cfg.seed)
     run = RunDir(cfg.out, is_main=rank == 0)
