@@ -89,6 +89,30 @@ def test_a_run_config_resolves_to_a_concrete_precision(probe, tmp_path, monkeypa
     assert choice.amp == "off" and calls == [(cfg.model.backbone, 40)]
 
 
+def test_meta_test_probes_the_checkpoints_network_not_the_configs(probe, tmp_path,
+                                                                  monkeypatch):
+    """``mtl meta-test`` of a foreign checkpoint chooses what ``FewShotClassifier`` chooses
+    for that file: its backbone at its size, not the preset's."""
+    from metatransfer.adapt import FewShotClassifier
+    from metatransfer.checkpoints import ModelInfo, save_model
+    from metatransfer.models import create_backbone
+
+    timings, calls = probe
+    timings["value"] = (1.0, 0.5)
+    monkeypatch.setattr(amp_choice, "_cache_file", lambda: tmp_path / "amp.json")
+    backbone = create_backbone("conv4", in_channels=1, width=8).eval()
+    info = ModelInfo(backbone="conv4", backbone_args={"width": 8}, in_channels=1,
+                     image_size=20, phase="pretrain", source="synthetic")
+    path = tmp_path / "model.safetensors"
+    save_model(path, info, backbone, {})
+    cfg = load_config(overrides=["data.image_size=84", "model.backbone=resnet12"])
+    choice = amp_choice.resolve_checkpoint_amp(cfg, CPU, path)
+    assert choice.amp == "bf16" and calls == [("conv4", 20)]
+    timings["value"] = (1.0, 3.0)  # were it probed again it would flip; the cache holds
+    clf = FewShotClassifier.from_checkpoint(path, "protonet", "cpu")
+    assert clf.embedder.amp and calls == [("conv4", 20)]
+
+
 def test_a_real_probe_times_both_precisions():
     from metatransfer.models import create_backbone
 

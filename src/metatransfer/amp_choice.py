@@ -172,3 +172,16 @@ def resolve_run_amp(cfg, device: torch.device) -> AmpChoice:
     channels = cfg.data.channels if cfg.data.channels in (1, 3) else 3
     return choose_amp(cfg.amp, device, cfg.model.backbone, cfg.model.backbone_args, channels,
                       cfg.data.image_size)
+
+
+def resolve_checkpoint_amp(cfg, device: torch.device, checkpoint: Path) -> AmpChoice:
+    """:func:`choose_amp` for evaluating ``checkpoint``: its backbone at its input size,
+    not the config's (an imported or foreign checkpoint differs from the preset), so
+    ``mtl meta-test`` computes in the precision :class:`~metatransfer.FewShotClassifier`,
+    ``mtl adapt`` and ``mtl serve`` choose for the same file."""
+    from .checkpoints import read_info
+
+    info = read_info(checkpoint)
+    return choose_amp(cfg.amp, device, info.backbone, info.backbone_args, info.in_channels,
+                      info.image_size)
+

@@ -94,9 +94,10 @@ def with_class_split(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, data=data)
 
 
-def start(cfg: RunConfig):
+def start(cfg: RunConfig, evaluated: Path | None = None):
     """Join torchrun's process group if launched by it, seed, pick the device, open the
-    run directory (written by rank 0 only) and record the config."""
+    run directory (written by rank 0 only) and record the config. ``evaluated``: the
+    checkpoint a meta-test evaluates, whose network and input size ``amp=auto`` probes."""
     import torch
 
     from . import distributed
@@ -111,10 +112,15 @@ def start(cfg: RunConfig):
     if world > 1:
         _quiet_other_ranks(rank)
         cfg.out = distributed.broadcast_object(cfg.out)  # rank 0's time-stamped default
-    from .amp_choice import resolve_run_amp
+    from .amp_choice import resolve_checkpoint_amp, resolve_run_amp
+
+    def resolve():
+        if evaluated is not None:
+            return resolve_checkpoint_amp(cfg, device, evaluated)
+        return resolve_run_amp(cfg, device)
 
     # rank 0 probes (when amp=auto needs it) and every rank takes its answer
-    choice = distributed.broadcast_object(resolve_run_amp(cfg, device) if rank == 0 else None)
+    choice = distributed.broadcast_object(resolve() if rank == 0 else None)
     cfg.amp = choice.amp
     seed_everything(cfg.seed)
     run = RunDir(cfg.out, is_main=rank == 0)
@@ -261,7 +267,7 @@ def cmd_meta_test(args: argparse.Namespace) -> None:
     check_data(cfg, ("test",), first or paths.meta)
     fresh = not Path(cfg.out).exists()
     try:
-        run, device = start(cfg)
+        run, device = start(cfg, evaluated=first or paths.meta)
         results = meta_test(cfg, run, device, paths.meta, paths.pretrained, not args.quiet)
     except BaseException:
         from .distributed import is_main
