@@ -92,6 +92,15 @@ def test_reported_classes_are_in_no_training_batch_and_no_selection_episode(tmp_
     assert trained_on <= set(train_part.class_names) and trained_on.isdisjoint(selection_seen)
     assert any(name.startswith("toy/val") for p, name, _ in seen if p == "test")
 
+    # eval.split=selection: settings can be looked at on the set-apart classes, never val
+    seen.clear()
+    looked = tmp_path / "looked"
+    main(["meta-test", "--quiet", "--checkpoint", str(out), "--out", str(looked),
+          "--set", "eval.split=selection"])
+    assert json.loads((looked / "results.json").read_text())["split"] == "selection"
+    tested = set().union(*(n for p, _, n in seen if p == "test"))
+    assert tested and tested <= set(selection.class_names)
+
 
 def test_phase_seeds_default_to_the_run_seed_and_split_it():
     cfg = load_config(overrides=["seed=7"])

@@ -206,7 +206,9 @@ class EvalConfig:
     # joint steps of backbone and head per episode (0 = exactly ft)
     ft_all_steps: int = 20
     ft_all_lr: float = 0.01  # ft-all: the backbone's learning rate (SGD, momentum 0.9)
-    split: str = "test"  # which split to evaluate: test | val | train
+    # which split to evaluate: test | val | train | selection (the classes checkpoint
+    # selection draws on: data.selection_holdout's set-apart classes, else val)
+    split: str = "test"
 
 
 @dataclass

@@ -107,8 +107,7 @@ def preflight(cfg: RunConfig, phases: tuple[str, ...] = PHASES,
     ``queries`` fails now, not after pre-training. ``checkpoint``: the model whose
     preprocessing the splits are decoded with (meta-train from a pre-trained model,
     meta-test), so the decoded splits are the ones the phase then reads from the cache."""
-    from .data import load_split
-    from .data.training import training_splits
+    from .data.training import evaluation_split, training_splits
 
     dc, pc, mc, ec = run_data_config(cfg, checkpoint), cfg.pretrain, cfg.meta, cfg.eval
     if "pretrain" in phases:
@@ -126,7 +125,7 @@ def preflight(cfg: RunConfig, phases: tuple[str, ...] = PHASES,
                             "from have that many; lower meta.ways, shots or queries, or raise "
                             "data.meta_holdout")
     if "test" in phases:
-        test = load_split(dc, eval_split(cfg))
+        test = evaluation_split(dc, eval_split(cfg))
         for ways in ec.ways:
             for shots in ec.shots:
                 test.require(ways, shots + ec.queries, f"{ways}-way {shots}-shot test episodes")

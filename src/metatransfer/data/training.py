@@ -25,6 +25,15 @@ def training_splits(data: DataConfig, phase: str) -> tuple[ImageSplit, ImageSpli
     return class_share(train, data.meta_holdout, phase), selection
 
 
+def evaluation_split(data: DataConfig, name: str) -> ImageSplit:
+    """The split meta-test reports on: ``name`` as on disk, or for ``selection`` the
+    classes checkpoints are selected on (:func:`training_splits`), so settings can be
+    looked at and tuned there and the val / test classes stay unseen until reported."""
+    if name == "selection":
+        return training_splits(data, "meta")[1]
+    return load_split(data, name)
+
+
 def selection_name(data: DataConfig) -> str:
     """Where checkpoints are selected, in words (for logs and results)."""
     if data.selection_holdout > 0:

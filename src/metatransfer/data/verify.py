@@ -47,9 +47,14 @@ def episode_needs(cfg: RunConfig) -> dict[str, list[Need]]:
         add(dc.val_split, mc.ways, mc.shots + mc.queries, "meta-training selection episodes")
         if dc.meta_holdout <= 0:
             add(dc.train_split, mc.ways, mc.shots + mc.queries, "meta-training episodes")
+    reported = eval_split(cfg)
+    if reported == "selection":  # eval.split=selection: the classes selection draws on
+        if dc.selection_holdout > 0:
+            return needs
+        reported = dc.val_split
     for ways in ec.ways:
         for shots in ec.shots:
-            add(eval_split(cfg), ways, shots + ec.queries, f"{ways}-way {shots}-shot test episodes")
+            add(reported, ways, shots + ec.queries, f"{ways}-way {shots}-shot test episodes")
     return needs
 
 

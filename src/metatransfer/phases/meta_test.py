@@ -34,9 +34,9 @@ import torch
 
 from .. import distributed
 from ..config import RunConfig, eval_seed, eval_split
-from ..data import load_split
 from ..data.base import ImageSplit
 from ..data.episodes import EpisodeSampler
+from ..data.training import evaluation_split
 from ..devices import precision
 from ..embedding import Embedder
 from ..errors import MTLError
@@ -81,7 +81,7 @@ def test_networks(cfg: RunConfig, device: torch.device,
         geometry = (data.image_size, data.resize, data.channels, data.invert)
         if geometry not in loaded:
             with distributed.local_main_first():
-                loaded[geometry] = load_split(data, eval_split(cfg))
+                loaded[geometry] = evaluation_split(data, eval_split(cfg))
         check_decoding(loaded[geometry], model.preprocessing)  # e.g. raw Omniglot inverted
         split = apply_stats(loaded[geometry], model.preprocessing, "meta-test: ")
         if model.channels != split.channels:
