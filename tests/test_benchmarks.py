@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -301,3 +302,36 @@ def test_flop_count_of_a_depthwise_backward_is_twice_its_forward():
         assert forward == 2 * 4 * 32 * (32 // groups) * 9 * 16 * 16
         both = timing.count_flops(lambda conv=conv: conv(x).sum().backward())
         assert both == 3 * forward
+
+
+def test_combine_seeds_summarises_seed_folders_as_accuracy_py_does(tmp_path, capsys):
+    """Seed folders from separate runs give accuracy.py's numbers: the same over_seeds
+    interval, one network where mtl = ft in every seed, and a refusal of shared episodes."""
+    from metatransfer.results import over_seeds
+
+    combine = load("combine_seeds")
+    rng = np.random.default_rng(0)
+    folders, diffs = [], []
+    for seed, eval_seed in ((0, 1234), (1, 2235), (2, 3236)):
+        ft = rng.integers(0, 6, 50) / 5
+        mtl = np.clip(ft + rng.choice([0, 0, 0.2], 50), 0, 1)
+        folder = tmp_path / f"seed-{seed}"
+        folder.mkdir()
+        (folder / "seed_results.json").write_text(json.dumps(
+            {"seed": seed, "eval_seed": eval_seed, "selections": {}}))
+        (folder / "episodes.json").write_text(json.dumps(
+            {"ft/5w1s": ft.tolist(), "mtl+ht/5w1s": mtl.tolist(),
+             "mtl+ht-kept/5w1s": ft.tolist()}))
+        folders.append(folder)
+        diffs.append(mtl - ft)
+    out = tmp_path / "combined.md"
+    assert combine.main([*map(str, folders), "--pairs", "mtl+ht-ft,mtl+ht-kept-ft",
+                         "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    got = result["comparisons"]["mtl+ht − ft 5w1s"]
+    assert got == over_seeds(diffs) and got["holds"] and got["mean"] > 0
+    assert result["comparisons"]["mtl+ht-kept − ft 5w1s"]["scope"] != "across seeds"
+    assert "holds" in out.read_text() and "one network" in out.read_text()
+    (folders[2] / "seed_results.json").write_text(json.dumps({"seed": 2, "eval_seed": 1234}))
+    with pytest.raises(SystemExit, match="share episodes"):
+        combine.main([*map(str, folders), "--pairs", "mtl+ht-ft"])
