@@ -34,7 +34,7 @@ def load_seed(folder: Path) -> dict:
         episodes = json.loads((folder / "episodes.json").read_text())
     except (OSError, ValueError) as err:
         raise SystemExit(f"{folder}: not a finished seed of accuracy.py --seeds ({err}); "
-                         "give folders holding seed_results.json and episodes.json")
+                         "give folders holding seed_results.json and episodes.json") from None
     return {"folder": str(folder), "seed": record["seed"], "eval_seed": record["eval_seed"],
             "selections": record.get("selections", {}),
             "episodes": {k: np.asarray(v, dtype=np.float64) for k, v in episodes.items()}}
