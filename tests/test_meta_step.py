@@ -126,3 +126,51 @@ def test_batch_statistics_embed_support_and_queries_in_calls_of_their_own(source
             mixed = backbone(norm(gather_uint8(split, np.concatenate(
                 [batch.support[1], batch.query[1]]), torch.device("cpu"))))[:5]
         assert not torch.allclose(alone, mixed, atol=1e-4)  # why the calls must be apart
+
+
+def test_reused_hard_tasks_take_their_features_from_the_meta_batch_pass(monkeypatch):
+    """``ht=reuse`` with BN in eval mode: the hard tasks' features are gathered from the
+    meta-batch's one backbone pass, and the loss and every meta-gradient equal those of
+    embedding the hard tasks again."""
+    from metatransfer.phases import meta_train
+
+    split = make_toy_split("train")
+    cfg = load_config(overrides=["meta.inner_steps=3", "meta.queries=3", "meta.ht=reuse",
+                                 "meta.meta_batch=3", "meta.ht_tasks=2",
+                                 "meta.forward_chunk=0", "amp=off"])
+    results = []
+    for reuse in (False, True):
+        monkeypatch.setattr(meta_train, "reuses_features", lambda *_, reuse=reuse: reuse)
+        torch.manual_seed(0)
+        learner = MetaLearner(create_backbone("conv4", in_channels=1, width=8), 5, "kernel",
+                              "all", False, head_init="learned")
+        learner.train(False)
+        calls: list[int] = []
+        learner.backbone.register_forward_hook(
+            lambda m, i, o, calls=calls: calls.append(i[0].shape[0]))
+        sampler = EpisodeSampler(split.indices_by_class, 5, 1, 3, seed=0)
+        loss, stats = meta_step(learner, split, sampler, 0, cfg,
+                                Normalizer(split.mean, split.std, torch.device("cpu")),
+                                torch.device("cpu"))
+        loss.backward()
+        assert calls == ([3 * 20] if reuse else [3 * 20, 2 * 20])
+        results.append((loss.detach(), stats["hard_acc"],
+                        [p.grad.clone() for p in learner.ss_params]
+                        + [learner.weight0.grad, learner.bias0.grad]))
+    (loss_a, hard_a, grads_a), (loss_b, hard_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-7)
+    assert float(hard_a) == float(hard_b)
+    assert any(g.abs().sum() > 0 for g in grads_a)
+    for again, reused in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(reused, again, rtol=1e-5, atol=1e-7)
+
+
+def test_resampled_and_batch_statistics_hard_tasks_are_embedded_again():
+    from metatransfer.phases.meta_train import reuses_features
+
+    learner = MetaLearner(create_backbone("conv4", in_channels=1, width=8), 5, "kernel",
+                          "all", False)
+    assert reuses_features(learner, load_config(overrides=["meta.ht=reuse"]))
+    assert not reuses_features(learner, load_config(overrides=["meta.ht=resample"]))
+    assert not reuses_features(learner, load_config(overrides=["meta.ht=reuse",
+                                                               "meta.bn_mode=train"]))

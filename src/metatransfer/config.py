@@ -146,7 +146,7 @@ class MetaConfig:
     inner_lr: float = 0.01  # base-learner learning rate
     first_order: bool = False  # drop second-order terms of the meta-gradient
     meta_batch: int = 2  # k normal tasks per meta-batch (global: split across processes)
-    # hard tasks: off, reuse the failing tasks' images, or resample new ones
+    # hard tasks: off, reuse the failing tasks' images (and their features), or resample new ones
     ht: Literal["off", "reuse", "resample"] = "resample"
     ht_tasks: int = 1  # k' hard tasks per meta-batch
     lr_ss: float = 1e-4  # Adam learning rate of the SS parameters

@@ -120,7 +120,7 @@ def episode_labels(ways: int, per_class: int, device: torch.device) -> torch.Ten
     return torch.arange(ways, device=device).repeat_interleave(per_class)
 
 
-def task_losses(
+def embed_tasks(
     learner: MetaLearner,
     split: ImageSplit,
     batch: EpisodeBatch,
@@ -128,8 +128,8 @@ def task_losses(
     normalizer: Normalizer,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query losses ``(T,)`` of a batch of tasks and their query predictions
-    ``(T, n_query)`` (on the device: no host sync unless HT needs it).
+    """Normalised features of a batch of tasks: support ``(T, n_support, d)`` and query
+    ``(T, n_query, d)``.
 
     All tasks' support and query images go through one backbone forward pass (in chunks
     on CPU, see :func:`forward_chunk`), unless BatchNorm normalises with batch statistics
@@ -137,7 +137,6 @@ def task_losses(
     image's embedding depends on its batch, so each task's support set and query set are
     embedded in calls of their own, as meta-test (and the MTL authors' code) embeds them.
     """
-    mc = cfg.meta
     tasks, n_support = batch.support.shape
     n_query = batch.query.shape[1]
     indices = np.concatenate([batch.support.ravel(), batch.query.ravel()])
@@ -154,9 +153,46 @@ def task_losses(
             feats = torch.cat([learner.backbone(part) for part in images.split(chunk)])
         else:
             feats = learner.backbone(images)
-    feats = normalize_features(feats.float(), mc.feature_norm)
-    support = feats[: tasks * n_support].view(tasks, n_support, -1)
-    query = feats[tasks * n_support:].view(tasks, n_query, -1)
+    feats = normalize_features(feats.float(), cfg.meta.feature_norm)
+    return (feats[: tasks * n_support].view(tasks, n_support, -1),
+            feats[tasks * n_support:].view(tasks, n_query, -1))
+
+
+def reused_features(
+    source: EpisodeBatch, support: torch.Tensor, query: torch.Tensor, hard: EpisodeBatch,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features of ``hard``'s images taken from ``source``'s, already embedded.
+
+    ``ht=reuse`` builds hard tasks from images the meta-batch has just embedded, and with
+    BatchNorm in eval mode an image's embedding does not depend on its batch, so running
+    the backbone again would recompute the same rows. Gathering them keeps them in the
+    graph: the hard tasks' gradients flow back through the one backbone pass.
+    """
+    dim = support.shape[-1]
+    flat = torch.cat([support.reshape(-1, dim), query.reshape(-1, dim)])
+    indices = np.concatenate([source.support.ravel(), source.query.ravel()])
+    row = {}
+    for position, index in enumerate(indices.tolist()):
+        row.setdefault(index, position)
+    def gather(images: np.ndarray) -> torch.Tensor:
+        rows = torch.as_tensor([row[i] for i in images.ravel().tolist()], device=flat.device)
+        return flat.index_select(0, rows).view(*images.shape, dim)
+    return gather(hard.support), gather(hard.query)
+
+
+def losses_from_features(
+    learner: MetaLearner,
+    support: torch.Tensor,
+    query: torch.Tensor,
+    batch: EpisodeBatch,
+    cfg: RunConfig,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query losses ``(T,)`` after the inner loop from θ_0 on each task's support set, and
+    the query predictions ``(T, n_query)`` (on the device: no host sync unless HT needs it).
+    """
+    mc = cfg.meta
+    tasks = support.shape[0]
     support_labels = episode_labels(batch.ways, batch.shots, device).expand(tasks, -1)
     query_labels = episode_labels(batch.ways, batch.queries, device).expand(tasks, -1)
     weight, bias = adapt(learner.weight0, learner.bias0, support, support_labels, batch.ways,
@@ -167,6 +203,20 @@ def task_losses(
     return losses, logits.argmax(-1).detach()
 
 
+def task_losses(
+    learner: MetaLearner,
+    split: ImageSplit,
+    batch: EpisodeBatch,
+    cfg: RunConfig,
+    normalizer: Normalizer,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query losses ``(T,)`` of a batch of tasks and their query predictions ``(T, n_query)``
+    (:func:`embed_tasks`, then :func:`losses_from_features`)."""
+    support, query = embed_tasks(learner, split, batch, cfg, normalizer, device)
+    return losses_from_features(learner, support, query, batch, cfg, device)
+
+
 def task_share(
     learner: MetaLearner,
     split: ImageSplit,
@@ -174,16 +224,28 @@ def task_share(
     cfg: RunConfig,
     normalizer: Normalizer,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum of the query losses of ``batch``'s tasks, its number of correct queries and the
-    predictions ``(T, n_query)``; an empty batch (more processes than tasks) gives zeros."""
+    features: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Sum of the query losses of ``batch``'s tasks, its number of correct queries, the
+    predictions ``(T, n_query)`` and the features used (``features`` when given, else
+    embedded now); an empty batch (more processes than tasks) gives zeros."""
     if batch.tasks == 0:
         zero = learner.ss_params[0].sum() * 0.0  # part of the graph, so backward still runs
         return zero, zero.detach(), torch.zeros((0, batch.query.shape[1]), dtype=torch.long,
-                                                device=device)
-    losses, pred = task_losses(learner, split, batch, cfg, normalizer, device)
+                                                device=device), None
+    if features is None:
+        features = embed_tasks(learner, split, batch, cfg, normalizer, device)
+    losses, pred = losses_from_features(learner, *features, batch, cfg, device)
     labels = episode_labels(batch.ways, batch.queries, device)
-    return losses.sum(), (pred == labels).sum().float(), pred
+    return losses.sum(), (pred == labels).sum().float(), pred, features
+
+
+def reuses_features(learner: MetaLearner, cfg: RunConfig) -> bool:
+    """Whether hard tasks take their features from the meta-batch's pass: ``ht=reuse``
+    (same images), BN in eval mode (an embedding independent of its batch) and one
+    process (which then holds every task's features)."""
+    return (cfg.meta.ht == "reuse" and not batch_statistics(learner, cfg)
+            and distributed.world_size() == 1)
 
 
 def meta_step(
@@ -208,7 +270,8 @@ def meta_step(
     total_tasks = mc.meta_batch + mc.hard_tasks_per_batch
     batch = sampler.batch(step * mc.meta_batch, mc.meta_batch)
     mine = distributed.shard(batch.tasks)
-    loss, correct, pred = task_share(learner, split, batch[mine], cfg, normalizer, device)
+    loss, correct, pred, features = task_share(learner, split, batch[mine], cfg, normalizer,
+                                               device)
     stats = {"acc": correct / batch.query.size}
     if use_ht:
         # every process needs every task's predictions: they decide the hard tasks' classes
@@ -219,8 +282,12 @@ def meta_step(
         pred_all = pred_all.reshape(batch.tasks, n_query).astype(np.int64)
         rng = np.random.default_rng([phase_seed(cfg, "meta"), 7919, step])
         hard = hard_tasks(batch, pred_all, mc.ht_tasks, mc.ht, sampler, rng)
-        hard_loss, hard_correct, _ = task_share(learner, split, hard[distributed.shard(hard.tasks)],
-                                                cfg, normalizer, device)
+        hard_features = None
+        if features is not None and reuses_features(learner, cfg):
+            hard_features = reused_features(batch, *features, hard)
+        hard_loss, hard_correct, _, _ = task_share(
+            learner, split, hard[distributed.shard(hard.tasks)], cfg, normalizer, device,
+            hard_features)
         stats["hard_acc"] = hard_correct / hard.query.size
         loss = loss + hard_loss
     loss = loss / total_tasks
