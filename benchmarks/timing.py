@@ -278,7 +278,12 @@ class Setup:
         return place_backbone(model, self.device, self.cl)
 
     def maybe_compile(self, module: nn.Module) -> nn.Module:
-        return torch.compile(module) if self.args.compile else module
+        """``--compile`` compiles in place, as runs do (``place_backbone``): the module stays
+        itself, so BatchNorm folding still finds its graph (an ``OptimizedModule`` wrapper
+        cannot be traced and would measure the network unfolded)."""
+        if self.args.compile:
+            module.compile()
+        return module
 
     def _forward(self, model: nn.Module, n: int) -> None:
         model.eval()
