@@ -2,7 +2,9 @@
 backward + Adam (5-way, 15 queries, 100 inner steps; 1 and 5 shots; first and second
 order) next to one SS-backbone forward+backward of the same images (the reference the
 overhead is measured against), with FLOP rates and peak memory; then the meta-batch
-speed-up: k tasks in one backbone pass and one batched inner loop vs k separate tasks.
+speed-up: k tasks in one backbone pass and one batched inner loop vs k separate tasks;
+and what a hard task costs (``ht=resample`` against ``ht=reuse``, whose features come from
+the meta-batch's own pass).
 
     python benchmarks/meta_train_speed.py                       # CPU default
     python benchmarks/meta_train_speed.py --quick --backbones conv4@16   # seconds
@@ -30,12 +32,14 @@ from metatransfer.phases.common import autocast
 from metatransfer.phases.meta_train import MetaLearner, meta_step
 
 
-def meta_setup(bench: Setup, shots: int, first_order: bool, meta_batch: int):
+def meta_setup(bench: Setup, shots: int, first_order: bool, meta_batch: int,
+               ht: str = "off"):
     """A meta-learner, its sampler and one training step ``step(i)`` (meta-batch ``i``)."""
     cfg = copy.deepcopy(bench.cfg)
     mc = cfg.meta
     mc.shots, mc.queries, mc.first_order = shots, bench.args.queries, first_order
-    mc.inner_steps, mc.meta_batch, mc.ht = bench.args.inner_steps, meta_batch, "off"
+    mc.inner_steps, mc.meta_batch, mc.ht = bench.args.inner_steps, meta_batch, ht
+    mc.ht_tasks = 1
     learner = MetaLearner(bench.new_backbone(), mc.ways, "kernel", "all", False)
     learner = learner.to(bench.device)
     learner.backbone = bench.maybe_compile(learner.backbone)
@@ -138,9 +142,39 @@ def meta_batch(bench: Setup, k: int) -> None:
           round(k / t_1, 2), "speedup": round(t_1 / t_k, 2)})
 
 
+def hard_task_cost(bench: Setup) -> None:
+    """A meta-batch of 2 tasks + 1 hard task, 1-shot: hard tasks off, resampled (a second
+    backbone pass on fresh images), and reused with their features taken from the
+    meta-batch's pass (the default for ``ht=reuse``) or embedded again (as before)."""
+    from metatransfer.phases import meta_train as phase
+
+    args, device = bench.args, bench.device
+    always = phase.reuses_features
+    times = {}
+    for name, ht, reuse in (("off", "off", None), ("resample", "resample", None),
+                            ("reuse-embedded-again", "reuse", False),
+                            ("reuse", "reuse", True)):
+        if reuse is not None:
+            phase.reuses_features = lambda *_, reuse=reuse: reuse
+        try:
+            _, _, step = meta_setup(bench, 1, True, 2, ht)
+            times[name], _ = timed(step, args.iters, args.warmup, device)
+        finally:
+            phase.reuses_features = always
+        emit({**bench.base, "measure": "meta_batch_ht", "ht": name, "meta_batch": 2,
+              "hard_tasks": 0 if ht == "off" else 1, "shots": 1, "order": "first",
+              "step_s": round(times[name], 4)})
+    emit({**bench.base, "measure": "ht_reuse_saving",
+          "reuse_vs_embedded_again": round(times["reuse-embedded-again"] / times["reuse"], 3),
+          "resample_vs_off": round(times["resample"] / times["off"], 3),
+          "reuse_vs_off": round(times["reuse"] / times["off"], 3)})
+
+
 def measure(bench: Setup) -> None:
     if "meta" not in bench.args.skip:
         meta_train(bench)
+    if "hardtasks" not in bench.args.skip:
+        hard_task_cost(bench)
     if "metabatch" not in bench.args.skip and (not bench.heavy or bench.args.full):
         meta_batch(bench, bench.args.meta_batch_k)
 

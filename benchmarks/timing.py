@@ -345,7 +345,7 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes for a smoke test (conv4 width 8, few steps and episodes)")
     p.add_argument("--skip", nargs="*", default=[],
-                   choices=["pretrain", "data", "meta", "metabatch", "metatest"],
+                   choices=["pretrain", "data", "meta", "metabatch", "hardtasks", "metatest"],
                    help="measurements to leave out (each script honours its own)")
     args = p.parse_args(argv)
     if args.quick:

@@ -40,7 +40,8 @@ def test_throughput_quick(capsys):
     records = json_lines(capsys.readouterr().out)
     measures = {r["measure"] for r in records}
     assert {"machine", "kernels", "flops", "pretrain", "data_pipeline", "meta_backbone_fwd_bwd",
-            "meta_train", "meta_batch", "embed", "meta_test", "total"} <= measures
+            "meta_train", "meta_batch", "meta_batch_ht", "ht_reuse_saving", "embed", "meta_test",
+            "total"} <= measures
     train = [r for r in records if r["measure"] == "meta_train"]
     assert {(r["shots"], r["order"], r["precision"]) for r in train} == {
         (s, o, p) for s in (1, 5) for o in ("first", "second") for p in ("fp32", "bf16")}
