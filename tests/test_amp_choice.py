@@ -89,6 +89,20 @@ def test_a_run_config_resolves_to_a_concrete_precision(probe, tmp_path, monkeypa
     assert choice.amp == "off" and calls == [(cfg.model.backbone, 40)]
 
 
+@pytest.mark.parametrize("dataset,size", [("glyphs", 32), ("omniglot", 28),
+                                          ("miniimagenet", 84), ("cifarfs", 32)])
+def test_without_an_image_size_the_probe_runs_at_the_datasets_own(probe, tmp_path,
+                                                                   monkeypatch, dataset, size):
+    """data.image_size=0 means the loader's default size: the probe measures there (the
+    demo's Conv-4 at 32 px, not the fallback 84 px), since bf16's gain depends on it."""
+    timings, calls = probe
+    timings["value"] = (1.0, 0.5)
+    monkeypatch.setattr(amp_choice, "_cache_file", lambda: tmp_path / "amp.json")
+    cfg = load_config(overrides=[f"data.name={dataset}", "data.image_size=0"])
+    amp_choice.resolve_run_amp(cfg, CPU)
+    assert calls == [(cfg.model.backbone, size)]
+
+
 def test_meta_test_probes_the_checkpoints_network_not_the_configs(probe, tmp_path,
                                                                   monkeypatch):
     """``mtl meta-test`` of a foreign checkpoint chooses what ``FewShotClassifier`` chooses

@@ -169,9 +169,11 @@ def resolve_run_amp(cfg, device: torch.device) -> AmpChoice:
     """:func:`choose_amp` for a run's config; the run then saves the concrete choice
     (``amp: off`` / ``bf16`` in its config.yaml, the reason in environment.json), so a
     resume and a meta-test of the run compute in the same precision."""
+    from .data import input_size
+
     channels = cfg.data.channels if cfg.data.channels in (1, 3) else 3
     return choose_amp(cfg.amp, device, cfg.model.backbone, cfg.model.backbone_args, channels,
-                      cfg.data.image_size)
+                      input_size(cfg.data))
 
 
 def resolve_checkpoint_amp(cfg, device: torch.device, checkpoint: Path) -> AmpChoice:

@@ -9,6 +9,6 @@ from . import (
     tieredimagenet,  # noqa: F401
 )
 from .base import ImageSplit
-from .registry import dataset_names, load_split, register_dataset
+from .registry import dataset_names, input_size, load_split, register_dataset
 
-__all__ = ["ImageSplit", "dataset_names", "load_split", "register_dataset"]
+__all__ = ["ImageSplit", "dataset_names", "input_size", "load_split", "register_dataset"]

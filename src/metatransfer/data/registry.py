@@ -37,6 +37,18 @@ def dataset_layouts() -> dict[str, str]:
     return layouts
 
 
+def input_size(cfg: DataConfig) -> int:
+    """The side images are resized to: ``data.image_size``, or when it is 0 the loader
+    module's own default (``DEFAULT_SIZE`` / ``DEFAULT_IMAGE_SIZE``; 0 if it has none), so
+    what is measured for a run (the ``amp=auto`` probe) is measured at the run's size."""
+    if cfg.image_size or cfg.name not in _LOADERS:
+        return cfg.image_size
+    import sys
+
+    module = sys.modules.get(_LOADERS[cfg.name].__module__)
+    return int(getattr(module, "DEFAULT_SIZE", getattr(module, "DEFAULT_IMAGE_SIZE", 0)))
+
+
 def load_split(cfg: DataConfig, split: str) -> ImageSplit:
     """Load split ``split`` (e.g. ``train``, ``val``, ``test``) of the dataset ``cfg.name``."""
     if cfg.name not in _LOADERS:
