@@ -525,6 +525,9 @@ def markdown(preset: str, cfg, command: str, results: dict,
             f"`{command}`\n\nMachine: {results['machine']}, {results['precision']}; training "
             f"time {results['training_seconds']:.0f} s; phase times (s): "
             f"{json.dumps(results['seconds'])}\n\n"
+            f"Variants (each one's overrides on top of the preset, so a built-in variant's "
+            f"`model.ss_scope` can differ from the preset's): "
+            f"{json.dumps(results['variants'])}\n\n"
             f"Pre-trainings (variants that use each; baselines use `pretrain`): "
             f"{json.dumps(results['pretrainings'])}\n\n"
             f"Accuracy (%), {scope}.\n\n{results_table(results)}\n\n{compared}\n\n")
