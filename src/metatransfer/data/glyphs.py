@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump whenever class selection or rendering changes the pixels
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
-DEFAULT_IMAGE_SIZE = 32
+DEFAULT_SIZE = 32
 MIN_FONT_FILES = 3  # a character must be in this many bundled font files ...
 MIN_FAMILIES = 2  # ... from this many style families, so its images vary
 # Normalised renderings closer than this count as the same glyph (A, Greek Α, Cyrillic А).
@@ -376,7 +376,7 @@ def render_glyph(cp: int, fonts: list[FontFile], rng: np.random.Generator, size:
 
 def glyph_image_size(cfg: DataConfig) -> int:
     """The configured side length, or the dataset default of 32."""
-    size = cfg.image_size or DEFAULT_IMAGE_SIZE
+    size = cfg.image_size or DEFAULT_SIZE
     if size < 8:
         raise ConfigError(f"data.image_size={size} is too small for glyphs; use 8 or more")
     return size

@@ -26,27 +26,26 @@ def dataset_names() -> list[str]:
     return sorted(_LOADERS)
 
 
-def dataset_layouts() -> dict[str, str]:
-    """``{name: what data.root must hold}``, from each loader module's ``LAYOUT``."""
+def _loader_module(name: str):
+    """The module that registered dataset ``name``'s loader (its LAYOUT, DEFAULT_SIZE)."""
     import sys
 
-    layouts = {}
-    for name in dataset_names():
-        module = sys.modules.get(_LOADERS[name].__module__)
-        layouts[name] = getattr(module, "LAYOUT", "built in: no data.root needed")
-    return layouts
+    return sys.modules.get(_LOADERS[name].__module__)
+
+
+def dataset_layouts() -> dict[str, str]:
+    """``{name: what data.root must hold}``, from each loader module's ``LAYOUT``."""
+    return {name: getattr(_loader_module(name), "LAYOUT", "built in: no data.root needed")
+            for name in dataset_names()}
 
 
 def input_size(cfg: DataConfig) -> int:
     """The side images are resized to: ``data.image_size``, or when it is 0 the loader
-    module's own default (``DEFAULT_SIZE`` / ``DEFAULT_IMAGE_SIZE``; 0 if it has none), so
-    what is measured for a run (the ``amp=auto`` probe) is measured at the run's size."""
+    module's own ``DEFAULT_SIZE`` (0 if it has none), so what is measured for a run (the
+    ``amp=auto`` probe) is measured at the run's size."""
     if cfg.image_size or cfg.name not in _LOADERS:
         return cfg.image_size
-    import sys
-
-    module = sys.modules.get(_LOADERS[cfg.name].__module__)
-    return int(getattr(module, "DEFAULT_SIZE", getattr(module, "DEFAULT_IMAGE_SIZE", 0)))
+    return int(getattr(_loader_module(cfg.name), "DEFAULT_SIZE", 0))
 
 
 def load_split(cfg: DataConfig, split: str) -> ImageSplit:
