@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -105,8 +106,14 @@ def test_accuracy_benchmark_and_report(tmp_path, capsys):
     out = tmp_path / "bench"
     load("accuracy").main(tiny_bench_args(out) + [
         "--variants", "mtl+ht,mtl-last", "--baselines", "protonet,ft,ft-all",
-        "--set", "eval.ft_all_episodes=3", "--set", "eval.ft_all_steps=2"])
+        "--set", "eval.ft_all_episodes=3", "--set", "eval.ft_all_steps=2",
+        "--set", "model.ss_scope=blocks.2*,blocks.3*"])
     results = json.loads((out / "results.json").read_text())
+    # the built-in mtl+ht keeps the preset's SS scope; mtl-last forces its own
+    assert results["variants"]["mtl+ht"] == {"meta.ht": "resample"}
+    scopes = {v: yaml.safe_load((out / v / "config.yaml").read_text())["model"]["ss_scope"]
+              for v in ("mtl+ht", "mtl-last")}
+    assert scopes == {"mtl+ht": "blocks.2*,blocks.3*", "mtl-last": "last"}
     methods = [r["method"] for r in results["results"]]
     # each variant also as its best trained epoch ("-forced": what SS does, whatever
     # selection kept)
