@@ -1,7 +1,8 @@
 """Accuracy benchmark: a preset end to end, MTL variants and baselines on the same episodes.
 
-Pre-training, then one meta-training per MTL variant (built-in: SS on all layers or on the
-last stage only; hard tasks off / resample / reuse; or any ``--variant NAME:key=val,...``),
+Pre-training, then one meta-training per MTL variant (built-in: SS where the preset puts
+it, or forced onto all layers / the last stage; hard tasks off / resample / reuse; or any
+``--variant NAME:key=val,...``; default ``mtl+ht,mtl``),
 then every method evaluated on the same seeded episodes and compared pairwise: the paired
 95% CI of the per-episode difference is what can show that one method beats another.
 
