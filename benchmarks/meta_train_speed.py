@@ -66,13 +66,15 @@ def ss_flops_per_image(bench: Setup) -> float:
     return count_flops(lambda: learner.backbone(x).sum().backward()) / 2
 
 
-def inner_flops(bench: Setup, shots: int, first_order: bool, tasks: int = 1) -> float:
-    d, ways, q = bench.out_dim, 5, bench.args.queries
-    feats = torch.randn(tasks, ways * (shots + q), d, requires_grad=True)
-    w0 = torch.zeros(ways, d, requires_grad=True)
-    b0 = torch.zeros(ways, requires_grad=True)
-    labels = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1)
-    qlabels = torch.arange(ways).repeat_interleave(q)
+def inner_loop(bench: Setup, shots: int, first_order: bool, tasks: int = 1):
+    """The base learner alone on random features: the inner loop from θ_0 and the query
+    loss's backward (second order unless ``first_order``), as a closure."""
+    d, ways, q, dev = bench.out_dim, 5, bench.args.queries, bench.device
+    feats = torch.randn(tasks, ways * (shots + q), d, device=dev, requires_grad=True)
+    w0 = torch.zeros(ways, d, device=dev, requires_grad=True)
+    b0 = torch.zeros(ways, device=dev, requires_grad=True)
+    labels = torch.arange(ways, device=dev).repeat_interleave(shots).expand(tasks, -1)
+    qlabels = torch.arange(ways, device=dev).repeat_interleave(q)
 
     def inner() -> None:
         w, b = adapt(w0, b0, feats[:, :ways * shots], labels, ways,
@@ -80,7 +82,7 @@ def inner_flops(bench: Setup, shots: int, first_order: bool, tasks: int = 1) -> 
         logits = linear_logits(w, b, feats[:, ways * shots:])
         F.cross_entropy(logits.reshape(-1, ways), qlabels.repeat(tasks)).backward()
 
-    return count_flops(inner)
+    return inner
 
 
 def meta_train(bench: Setup) -> None:
@@ -110,7 +112,9 @@ def meta_train(bench: Setup) -> None:
         del learner
         for first_order in orders:
             learner, _, step = meta_setup(bench, shots, first_order, 1)
-            inner = inner_flops(bench, shots, first_order)
+            loop = inner_loop(bench, shots, first_order)
+            inner = count_flops(loop)
+            loop_s, _ = timed(lambda _, loop=loop: loop(), args.iters, args.warmup, device)
             with PeakMemory(device) as mem:
                 seconds, syncs = timed(step, iters, warmup, device,
                                        sync_check=device.type == "cuda")
@@ -119,7 +123,7 @@ def meta_train(bench: Setup) -> None:
                   "order": "first" if first_order else "second",
                   "episodes_per_s": round(1 / seconds, 3), "step_s": round(seconds, 4),
                   "overhead_vs_backbone": round(seconds / ref_s - 1, 3),
-                  "inner_loop_gflop": round(inner / 1e9, 4),
+                  "inner_loop_gflop": round(inner / 1e9, 4), "inner_loop_s": round(loop_s, 5),
                   **bench.rate(ss_flops * images + inner, seconds),
                   "peak_mib": round(mem.mib, 1),
                   "host_syncs_per_step": syncs / iters if device.type == "cuda" else None})
