@@ -437,7 +437,9 @@ def measure(argv: list[str] | None = None) -> dict:
         if axis:  # each seed on record as it ends: a long run cut short keeps what it did
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "seed_results.json").write_text(json.dumps(
-                {"seed": seed, "eval_seed": seed_cfg.eval.seed, "results": bench.rows,
+                {"seed": seed, "eval_seed": seed_cfg.eval.seed,
+                 "episode_shape": list(check_episodes({seed: bench})) if bench.rows else None,
+                 "results": bench.rows,
                  "selections": bench.selections, "networks": bench.networks,
                  "seconds": timings}, indent=2, default=str))
             write_episodes(folder, bench.per_episode)

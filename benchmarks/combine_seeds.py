@@ -12,6 +12,12 @@ episode counts are checked.
 
     python benchmarks/combine_seeds.py runs/a/seed-0 runs/b/seed-1 runs/b/seed-2 \\
         --pairs "mtl+ht-ft,mtl+ht-forced-ft" --out runs/combined.md
+
+``--with NAME=F0,F1,F2`` brings in another pipeline (another preset or network) run on the
+*same* episodes - seed folders whose eval seeds equal the main folders', one per seed in
+the same order - with its methods renamed ``method@NAME``, so that two networks are
+compared paired, episode by episode (e.g. ``--pairs "ft-ft@conv4"``). Its eval seeds,
+episode counts and, where recorded, episode shapes are checked against the main folders'.
 """
 
 from __future__ import annotations
@@ -36,8 +42,43 @@ def load_seed(folder: Path) -> dict:
         raise SystemExit(f"{folder}: not a finished seed of accuracy.py --seeds ({err}); "
                          "give folders holding seed_results.json and episodes.json") from None
     return {"folder": str(folder), "seed": record["seed"], "eval_seed": record["eval_seed"],
-            "selections": record.get("selections", {}),
+            "selections": record.get("selections", {}), "shape": record.get("episode_shape"),
             "episodes": {k: np.asarray(v, dtype=np.float64) for k, v in episodes.items()}}
+
+
+def parse_with(text: str) -> tuple[str, list[Path]]:
+    """``NAME=F0,F1,...`` -> the pipeline's name and its seed folders."""
+    name, sep, folders = text.partition("=")
+    if not sep or not name or not folders:
+        raise argparse.ArgumentTypeError(f"'{text}': give --with NAME=SEED0,SEED1,... "
+                                         "(one seed folder per main folder, same order)")
+    return name, [Path(f) for f in folders.split(",") if f]
+
+
+def join_pipeline(seeds: list[dict], name: str, others: list[dict]) -> None:
+    """Add another pipeline's per-episode accuracies to each seed as ``method@name``, after
+    checking that they were scored on that seed's very episodes."""
+    if len(others) != len(seeds):
+        raise SystemExit(f"--with {name}: {len(others)} folders for {len(seeds)} seeds; give "
+                         "one per main folder, in the same order")
+    for mine, other in zip(seeds, others, strict=True):
+        if other["eval_seed"] != mine["eval_seed"]:
+            raise SystemExit(f"{other['folder']}: eval seed {other['eval_seed']}, but "
+                             f"{mine['folder']} has {mine['eval_seed']}: not the same "
+                             "episodes, so no paired comparison (run it with the same --seeds)")
+        if mine["shape"] and other["shape"] and mine["shape"] != other["shape"]:
+            raise SystemExit(f"{other['folder']}: episodes {other['shape']}, but "
+                             f"{mine['folder']} has {mine['shape']}: not the same episodes")
+        lengths = {len(v) for k, v in mine["episodes"].items()
+                   if not k.startswith("ft-all")}
+        for key, acc in other["episodes"].items():
+            method, setting = key.rsplit("/", 1)
+            if not method.startswith("ft-all") and lengths and len(acc) not in lengths:
+                raise SystemExit(f"{other['folder']}: {key} has {len(acc)} episodes, "
+                                 f"{mine['folder']} {sorted(lengths)}: not the same episodes")
+            mine["episodes"][f"{method}@{name}/{setting}"] = acc
+        for variant, kept in other["selections"].items():
+            mine["selections"][f"{variant}@{name}"] = kept
 
 
 def settings_of(keys) -> list[tuple[str, str]]:
@@ -93,9 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path, help="seed-S folders, one per seed")
     parser.add_argument("--pairs", default="", help="A-B,A-B comparisons (paired per seed)")
+    parser.add_argument("--with", dest="pipelines", action="append", default=[],
+                        type=parse_with, metavar="NAME=F0,F1,...",
+                        help="another pipeline's seed folders on the same episodes; its "
+                             "methods join as method@NAME (repeatable)")
     parser.add_argument("--out", type=Path, help="also write the tables here (markdown)")
     args = parser.parse_args(argv)
     seeds = [load_seed(f) for f in args.folders]
+    for name, folders in args.pipelines:
+        join_pipeline(seeds, name, [load_seed(f) for f in folders])
     methods = sorted({k.rsplit("/", 1)[0] for s in seeds for k in s["episodes"]})
     result = combine(seeds, parse_pairs(args.pairs, methods))
     print(json.dumps(result, default=str))

@@ -343,3 +343,41 @@ def test_combine_seeds_summarises_seed_folders_as_accuracy_py_does(tmp_path, cap
     (folders[2] / "seed_results.json").write_text(json.dumps({"seed": 2, "eval_seed": 1234}))
     with pytest.raises(SystemExit, match="share episodes"):
         combine.main([*map(str, folders), "--pairs", "mtl+ht-ft"])
+
+
+def test_combine_seeds_pairs_another_pipeline_on_the_same_episodes(tmp_path, capsys):
+    """--with joins a second network's seed folders as method@NAME and pairs them episode
+    by episode; folders drawn with other eval seeds (other episodes) are refused."""
+    from metatransfer.results import over_seeds
+
+    combine = load("combine_seeds")
+    rng = np.random.default_rng(1)
+    main, other, diffs = [], [], []
+    for seed, eval_seed in ((0, 1234), (1, 2235), (2, 3236)):
+        deep = rng.integers(0, 6, 40) / 5
+        conv = np.clip(deep - rng.choice([0, 0, 0.2], 40), 0, 1)
+        for name, acc, folders in (("deep", deep, main), ("conv", conv, other)):
+            folder = tmp_path / name / f"seed-{seed}"
+            folder.mkdir(parents=True)
+            (folder / "seed_results.json").write_text(json.dumps(
+                {"seed": seed, "eval_seed": eval_seed, "selections": {},
+                 "episode_shape": ["omniglot", "val", 600, 5]}))
+            (folder / "episodes.json").write_text(json.dumps({"ft/5w1s": acc.tolist()}))
+            folders.append(folder)
+        diffs.append(deep - conv)
+    joined = ["--with", "conv4=" + ",".join(map(str, other))]
+    assert combine.main([*map(str, main), *joined, "--pairs", "ft-ft@conv4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    got = result["comparisons"]["ft − ft@conv4 5w1s"]
+    assert got == over_seeds(diffs) and got["mean"] > 0
+    assert "ft@conv4/5w1s" in result["accuracy"]
+    record = json.loads((other[1] / "seed_results.json").read_text())
+    (other[1] / "seed_results.json").write_text(json.dumps({**record, "eval_seed": 9}))
+    with pytest.raises(SystemExit, match="not the same episodes"):
+        combine.main([*map(str, main), *joined, "--pairs", "ft-ft@conv4"])
+    (other[1] / "seed_results.json").write_text(json.dumps(
+        {**record, "episode_shape": ["omniglot", "val", 100, 5]}))
+    with pytest.raises(SystemExit, match="not the same episodes"):
+        combine.main([*map(str, main), *joined, "--pairs", "ft-ft@conv4"])
+    with pytest.raises(SystemExit, match="one per main folder"):
+        combine.main([*map(str, main), "--with", f"conv4={other[0]}", "--pairs", "ft-ft@conv4"])
